@@ -1,0 +1,5 @@
+"""``python -m fusestore`` is the ``fusestore`` command."""
+
+from fusestore.cli import main
+
+raise SystemExit(main())

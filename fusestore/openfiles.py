@@ -1,0 +1,69 @@
+"""Open files and their handles, built so that a file can move while open.
+
+Every open of a file through the mount gets a :class:`Handle` with its own
+backing file descriptor (so each keeps the access mode it asked for). All
+handles of one file share one :class:`OpenFile`, which records where the bytes
+live *now*: the datadir and the backing path. Nothing outside this module keeps
+a backing path of an open file, so publishing a file under its real name or
+moving it to another datadir in the middle of a write only has to update the
+:class:`OpenFile` and swap each handle's descriptor in place (``dup2`` keeps
+the number), without the FUSE layer noticing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """A file that has at least one open handle.
+
+    ``name`` and ``path`` are ``None`` once the file has been unlinked or
+    replaced by a rename while open: its handles keep working on the
+    orphaned inode, as POSIX promises, but it no longer has a place in the pool.
+    """
+
+    name: str | None
+    datadir: str
+    path: str | None
+    handles: set[Handle] = field(default_factory=set)
+
+    def detach(self) -> None:
+        """Forget the name and path: the directory entry is gone."""
+        self.name = None
+        self.path = None
+
+    def any_fd(self) -> int:
+        """A descriptor of the file, for fstat and friends."""
+        return next(iter(self.handles)).fd
+
+
+@dataclass(eq=False)
+class Handle:
+    """One open of a file; ``fd`` is its backing descriptor."""
+
+    open_file: OpenFile
+    fd: int
+    writable: bool
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Write all of ``data``: FUSE without direct_io must never write short."""
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        return done
+
+    def fsync(self, datasync: bool) -> None:
+        if datasync:
+            os.fdatasync(self.fd)
+        else:
+            os.fsync(self.fd)
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fd)

@@ -1,0 +1,207 @@
+"""Shared fixtures: sized tmpfs datadirs and a real fusestore mount over them.
+
+Every mount is made by running the ``fusestore`` program as a user would and
+is always unmounted in the fixture's finaliser (``fusermount3 -u``, then
+``-uz`` as a last resort). A watchdog kills a daemon that outlives the test
+timeout: killing it aborts the FUSE connection, so a test blocked in a system
+call on the mount fails with ENOTCONN instead of hanging the whole run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+MiB = 1 << 20
+TmpfsFactory = Callable[[str, int], Path]
+MountFactory = Callable[..., "MountedPool"]
+MOUNT_WAIT_SECONDS = 15
+WATCHDOG_SECONDS = 110  # a little under the pytest-timeout in pyproject.toml
+
+
+def fusestore_command(*args: str) -> list[str]:
+    """The fusestore CLI of the interpreter running the tests."""
+    return [sys.executable, "-m", "fusestore", *args]
+
+
+def run_fusestore(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        fusestore_command(*args), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def is_mounted(path: Path) -> bool:
+    mount_points = Path("/proc/self/mounts").read_text().split("\n")
+    return any(line.split(" ")[1:2] == [str(path)] for line in mount_points if line)
+
+
+def force_unmount(path: Path) -> None:
+    """fusermount3 -u, then lazily as a last resort; never raises."""
+    for flags in ("-u", "-uz"):
+        if not is_mounted(path):
+            return
+        subprocess.run(["fusermount3", flags, str(path)], capture_output=True, check=False)
+        for _ in range(50):
+            if not is_mounted(path):
+                return
+            time.sleep(0.1)
+
+
+def open_path_to(path: Path) -> None:
+    """Let other users traverse to ``path`` (pytest's temporary root is 0700)."""
+    for parent in path.parents:
+        if parent == Path(tempfile.gettempdir()):
+            break
+        parent.chmod(parent.stat().st_mode | 0o755)
+
+
+@dataclass
+class Datadir:
+    path: Path
+    priority: int = 0
+
+    @property
+    def spec(self) -> str:
+        return f"{self.path}:{self.priority}"
+
+    def names(self) -> set[str]:
+        """Regular files at the top of the datadir, as the pool sees them."""
+        return {p.name for p in self.path.iterdir() if p.is_file() and not p.is_symlink()}
+
+
+@dataclass
+class MountedPool:
+    """A running ``fusestore mount -f`` and what it was started with."""
+
+    mountpoint: Path
+    datadirs: list[Datadir]
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _watchdog: threading.Timer | None = field(default=None, repr=False)
+
+    def path(self, name: str) -> Path:
+        return self.mountpoint / name
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def holders(self, name: str) -> list[Path]:
+        """The datadirs that hold a regular file called ``name``."""
+        return [d.path for d in self.datadirs if name in d.names()]
+
+    def unmount(self, timeout: float = 20) -> int:
+        """Unmount with fusermount3 -u and return the daemon's exit status."""
+        force_unmount(self.mountpoint)
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        force_unmount(self.mountpoint)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[TmpfsFactory]:
+    """``tmpfs(name, size_mib)`` mounts a tmpfs of that size and returns its path."""
+    mounted: list[Path] = []
+
+    def make(name: str, size_mib: int) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)], check=True
+        )
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def start_mount(
+    mountpoint: Path,
+    datadirs: Sequence[Datadir],
+    *extra_args: str,
+    log_path: Path,
+) -> MountedPool:
+    """Start ``fusestore mount -f`` and wait until the mount answers."""
+    mountpoint.mkdir(exist_ok=True)
+    args = ["mount", "-f", str(mountpoint)]
+    for datadir in datadirs:
+        args += ["--datadirs", datadir.spec]
+    log_file = log_path.open("ab")
+    process = subprocess.Popen(
+        fusestore_command(*args, *extra_args), stdout=log_file, stderr=log_file
+    )
+    log_file.close()
+    pool = MountedPool(mountpoint, list(datadirs), process, log_path)
+    deadline = time.monotonic() + MOUNT_WAIT_SECONDS
+    while not is_mounted(mountpoint):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pool.stop()
+            raise RuntimeError(f"fusestore did not mount {mountpoint}:\n{pool.log()}")
+        time.sleep(0.05)
+    os.stat(mountpoint)  # the first request completes FUSE's handshake
+    pool._watchdog = threading.Timer(WATCHDOG_SECONDS, _kill, args=(process,))
+    pool._watchdog.daemon = True
+    pool._watchdog.start()
+    return pool
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+
+
+@pytest.fixture
+def mount_pool(tmp_path: Path, tmpfs: TmpfsFactory) -> Iterator[MountFactory]:
+    """``mount_pool(datadirs, *extra_args)`` mounts them at a fresh mountpoint.
+
+    Depends on ``tmpfs`` so that the mounts are torn down before the tmpfs
+    datadirs under them.
+    """
+    pools: list[MountedPool] = []
+
+    def make(datadirs: Sequence[Datadir], *extra_args: str) -> MountedPool:
+        index = len(pools)
+        pool = start_mount(
+            tmp_path / f"mnt{index}",
+            datadirs,
+            *extra_args,
+            log_path=tmp_path / f"fusestore{index}.log",
+        )
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.stop()
+
+
+@pytest.fixture
+def pool(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> MountedPool:
+    """The reference pool: 32 and 48 MiB at priority 100, 256 MiB at 50, 16 MiB reserve."""
+    datadirs = [
+        Datadir(tmpfs("small", 32), 100),
+        Datadir(tmpfs("medium", 48), 100),
+        Datadir(tmpfs("big", 256), 50),
+    ]
+    return mount_pool(datadirs, "--min-free-space", "16M")

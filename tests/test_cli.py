@@ -1,0 +1,162 @@
+"""The ``fusestore mount`` command as people and scripts run it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusestore import __version__
+from tests.conftest import (
+    TmpfsFactory,
+    force_unmount,
+    fusestore_command,
+    is_mounted,
+    run_fusestore,
+)
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path):
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    force_unmount(path)
+
+
+def assert_config_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_both_datadir_forms_is_refused(tmp_path: Path, mountpoint: Path) -> None:
+    result = run_fusestore(
+        "mount", "--datadir", str(tmp_path / "a"), "--datadirs", f"{tmp_path}/b:1", str(mountpoint)
+    )
+    assert_config_error(result, "--datadir", "not both")
+    assert not is_mounted(mountpoint)
+
+
+def test_no_datadir_is_refused(mountpoint: Path) -> None:
+    assert_config_error(run_fusestore("mount", str(mountpoint)), "no datadir")
+    assert not is_mounted(mountpoint)
+
+
+def test_same_directory_twice_is_refused_by_name(tmp_path: Path, mountpoint: Path) -> None:
+    a = tmp_path / "a"
+    result = run_fusestore(
+        "mount", "--datadirs", f"{a}:1", "--datadirs", f"{a}/:2", str(mountpoint)
+    )
+    assert_config_error(result, repr(str(a)), "twice")
+    assert not is_mounted(mountpoint)
+
+
+def test_same_directory_through_a_symlink_is_refused(tmp_path: Path, mountpoint: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    alias = tmp_path / "alias"
+    alias.symlink_to(real)
+    result = run_fusestore(
+        "mount", "--datadirs", f"{real}:1", "--datadirs", f"{alias}:2", str(mountpoint)
+    )
+    assert_config_error(result, str(alias), "same directory", str(real))
+
+
+def test_bad_priority_is_refused_by_value(tmp_path: Path, mountpoint: Path) -> None:
+    result = run_fusestore("mount", "--datadirs", f"{tmp_path}/a:fast", str(mountpoint))
+    assert_config_error(result, "'fast'", "priority")
+    assert not (tmp_path / "a").exists()
+
+
+def test_empty_path_is_refused(mountpoint: Path) -> None:
+    assert_config_error(run_fusestore("mount", "--datadirs", ":5", str(mountpoint)), "empty path")
+    assert_config_error(run_fusestore("mount", "--datadir", "", str(mountpoint)), "empty path")
+
+
+def test_bad_min_free_space_is_refused_by_value(tmp_path: Path, mountpoint: Path) -> None:
+    result = run_fusestore(
+        "mount", "--datadir", str(tmp_path / "d"), "--min-free-space", "ten", str(mountpoint)
+    )
+    assert_config_error(result, "'ten'")
+
+
+def test_read_only_datadir_is_refused(tmpfs: TmpfsFactory, mountpoint: Path) -> None:
+    readonly = tmpfs("ro", 4)
+    subprocess.run(["mount", "-o", "remount,ro", str(readonly)], check=True)
+    result = run_fusestore("mount", "--datadirs", f"{readonly}:1", str(mountpoint))
+    assert_config_error(result, repr(str(readonly)), "cannot be written", "Read-only")
+    assert not is_mounted(mountpoint)
+
+
+def test_datadir_that_is_a_file_is_refused(tmp_path: Path, mountpoint: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    result = run_fusestore("mount", "--datadir", str(tmp_path / "file"), str(mountpoint))
+    assert_config_error(result, repr(str(tmp_path / "file")))
+
+
+def test_missing_mountpoint_is_refused(tmp_path: Path) -> None:
+    result = run_fusestore("mount", "--datadir", str(tmp_path / "d"), str(tmp_path / "nowhere"))
+    assert_config_error(result, "mountpoint", "nowhere")
+
+
+def test_mount_returns_once_usable_and_creates_missing_datadirs(
+    tmp_path: Path, mountpoint: Path
+) -> None:
+    fast, big = tmp_path / "new" / "fast", tmp_path / "new" / "big"
+    result = run_fusestore(
+        "mount", "--datadirs", f"{fast}:200", "--datadirs", f"{big}:100", str(mountpoint)
+    )
+    assert result.returncode == 0, result.stderr
+    assert is_mounted(mountpoint)  # no waiting: the command returned after mounting
+    assert fast.is_dir() and big.is_dir()
+    (mountpoint / "x").write_bytes(b"hello")
+    assert (fast / "x").read_bytes() == b"hello"
+    assert subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False).returncode == 0
+    assert not is_mounted(mountpoint)
+
+
+def test_failed_mount_exits_nonzero_with_the_reason(tmp_path: Path, mountpoint: Path) -> None:
+    result = run_fusestore(
+        "mount", "--datadir", str(tmp_path / "d"), "-o", "no_such_option", str(mountpoint)
+    )
+    assert result.returncode == 1
+    assert "cannot mount" in result.stderr
+    assert not is_mounted(mountpoint)
+
+
+def test_fuse_options_reach_the_mount(tmp_path: Path, mountpoint: Path) -> None:
+    result = run_fusestore(
+        "mount", "--datadir", str(tmp_path / "d"), "-o", "allow_other,ro", str(mountpoint)
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = [
+        m for m in Path("/proc/self/mounts").read_text().splitlines() if str(mountpoint) in m
+    ]
+    assert "allow_other" in line and " ro," in line
+    with pytest.raises(OSError):
+        (mountpoint / "x").write_bytes(b"refused on a read-only mount")
+
+
+def test_help_explains_every_option() -> None:
+    result = subprocess.run(
+        fusestore_command("mount", "--help"), capture_output=True, text=True, check=True
+    )
+    for option in ("--datadir ", "--datadirs", "--min-free-space", "--foreground", "-o", "--debug"):
+        assert option in result.stdout
+    assert "priority" in result.stdout and "fusermount3 -u" in result.stdout
+
+
+def test_version() -> None:
+    result = run_fusestore("--version")
+    assert result.stdout.strip() == f"fusestore {__version__}"
+    assert __version__ != "0+unknown"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "fusestore"  # the venv's bin, not the real python's
+    assert subprocess.run([str(script), "--help"], capture_output=True, check=False).returncode == 0
