@@ -37,6 +37,7 @@ class PoolConfig:
 
     datadirs: tuple[DatadirSpec, ...]
     min_free_space: int = 0
+    sync: bool = True  # fsync a new file and its directory entry before publishing it
 
 
 def parse_datadir_spec(spec: str) -> DatadirSpec:
@@ -71,6 +72,7 @@ def build_pool_config(
     datadir: str | None,
     datadirs: Sequence[str] | None,
     min_free_space: str | int = 0,
+    sync: bool = True,
 ) -> PoolConfig:
     """Combine the single-datadir and list forms into one validated config."""
     if datadir is not None and datadirs:
@@ -92,4 +94,4 @@ def build_pool_config(
         min_free_space = parse_size(min_free_space)
     if min_free_space < 0:
         raise ConfigError(f"min_free_space {min_free_space!r} is negative")
-    return PoolConfig(datadirs=tuple(specs), min_free_space=min_free_space)
+    return PoolConfig(datadirs=tuple(specs), min_free_space=min_free_space, sync=sync)

@@ -36,6 +36,7 @@ def serve(
     on_ready: Callable[[], None] = lambda: None,
 ) -> None:
     """Mount the pool and serve it until unmounted or signalled (SIGTERM, SIGINT)."""
+    pool.start()
     operations = Operations(pool, debug=debug)
     options = set(MOUNT_OPTIONS) | set(fuse_options)
     if debug:
@@ -43,12 +44,14 @@ def serve(
     try:
         pyfuse3.init(operations, mountpoint, options)
     except RuntimeError as exc:
+        pool.stop()
         raise MountError(f"cannot mount {mountpoint}: {exc}") from exc
     log.info(
-        "mounted %s with datadirs %s, min_free_space %d bytes",
+        "mounted %s with datadirs %s, min_free_space %d bytes, %s",
         mountpoint,
-        ", ".join(f"{d.path} (priority {d.priority})" for d in pool.datadirs),
+        ", ".join(f"{d.path} (priority {d.priority}, {d.state.value})" for d in pool.datadirs),
         pool.min_free_space,
+        "fsync before publishing" if pool.sync else "no fsync (--no-sync)",
     )
     unmount = True
     try:
@@ -60,6 +63,7 @@ def serve(
         raise
     finally:
         pyfuse3.close(unmount=unmount)
+        pool.stop()
         log.info("unmounted %s", mountpoint)
 
 

@@ -113,7 +113,7 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeTable()
         self._handles: dict[int, Handle] = {}
         self._handle_inodes: dict[int, int] = {}
-        self._listings: dict[int, list[os.DirEntry[str]]] = {}
+        self._listings: dict[int, list[tuple[str, str | None]]] = {}
         self._next_fh = itertools.count(1)
 
     # ---------------------------------------------------------------- helpers
@@ -313,15 +313,15 @@ class Operations(pyfuse3.Operations):
 
     @_translate_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self._handles[fh].write(off, buf)
+        return self.pool.write(self._handles[fh], off, buf)
 
     @_translate_errors
     async def flush(self, fh: int) -> None:
-        return None
+        self.pool.flush(self._handles[fh])
 
     @_translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self._handles[fh].fsync(datasync)
+        self.pool.fsync(self._handles[fh], datasync)
 
     @_translate_errors
     async def release(self, fh: int) -> None:
@@ -338,21 +338,21 @@ class Operations(pyfuse3.Operations):
         fh = next(self._next_fh)
         # One snapshot per opendir: a large listing is read in many chunks,
         # and re-listing every datadir for each chunk would be quadratic.
-        self._listings[fh] = self.pool.list_entries()
+        self._listings[fh] = self.pool.list_names()
         return fh
 
     @_translate_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self._listings[fh]
         for index in range(start_id, len(listing)):
-            entry = listing[index]
+            name, path = listing[index]
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = self.pool.stat_listed(name, path)
             except OSError:
                 continue  # removed since the snapshot
-            inode = self.inodes.inode_for(entry.name)
+            inode = self.inodes.inode_for(name)
             attr = _attributes(inode, st)
-            if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), attr, index + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, index + 1):
                 self.inodes.discard_if_unused(inode)
                 return
             self.inodes.add_lookup(inode)

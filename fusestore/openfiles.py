@@ -20,20 +20,28 @@ from dataclasses import dataclass, field
 class OpenFile:
     """A file that has at least one open handle.
 
-    ``name`` and ``path`` are ``None`` once the file has been unlinked or
-    replaced by a rename while open: its handles keep working on the
-    orphaned inode, as POSIX promises, but it no longer has a place in the pool.
+    A *new* file (``new`` is true) lives under a hidden name in its datadir's
+    private area until it is published under ``name`` or discarded.
+    ``name`` is ``None`` once the file was unlinked or replaced by a rename
+    while open: its handles keep working, as POSIX promises, but it has no
+    place in the pool any more; a new file in that state is discarded at
+    close. ``path`` is ``None`` when no path reaches the bytes any more.
+    ``error`` is the errno of a failed write to a new file: such a file is
+    removed at close instead of being published.
     """
 
     name: str | None
     datadir: str
     path: str | None
+    new: bool = False
+    error: int | None = None
     handles: set[Handle] = field(default_factory=set)
 
     def detach(self) -> None:
-        """Forget the name and path: the directory entry is gone."""
+        """Forget the name: the directory entry is gone (a new file keeps its hidden path)."""
         self.name = None
-        self.path = None
+        if not self.new:
+            self.path = None
 
     def any_fd(self) -> int:
         """A descriptor of the file, for fstat and friends."""
@@ -46,6 +54,7 @@ class Handle:
 
     open_file: OpenFile
     fd: int
+    flags: int  # the backing open(2) flags, to reopen the file where it moves
     writable: bool
 
     def read(self, offset: int, size: int) -> bytes:

@@ -1,15 +1,22 @@
-"""The backing datadirs as one flat namespace: find, create, rename, remove.
+"""The backing datadirs as one flat namespace of files that are never lost.
 
-The pool is the only code that touches the datadirs. It knows no FUSE: it
-takes names and returns stat results, handles and ``OSError``s with the errno
-the caller should see. The datadirs themselves are the only state; nothing is
+The pool is the only code that touches the files in the datadirs. It knows no
+FUSE: it takes names and returns stat results, handles and ``OSError``s with
+the errno the caller should see. The datadirs are the only state; nothing is
 cached about files that are not open, so programs that change the datadirs
 directly are seen at the next request.
 
-Rules (see DESIGN.md "The namespace"): only regular files are part of the
-pool, and symlinks are never followed; a name is served by the first datadir
-in priority order that holds it; ``unlink`` removes every copy; ``rename``
+Namespace (DESIGN.md "The namespace"): only regular files are part of the
+pool and symlinks are never followed; a name is served by the first datadir in
+priority order that holds it; ``unlink`` removes every copy; ``rename``
 renames every copy and removes the target's copies elsewhere.
+
+Writing (DESIGN.md "Writing safely"): a new file is written under a hidden
+name in its datadir's private area and published under its name (fsync, then
+``link``, which never replaces) when its last handle closes. A write that
+finds its datadir full moves the file, bytes and handles, to the best other
+datadir and goes on there. A new file whose write failed for another reason
+is removed at close, as Glance's driver does.
 """
 
 from __future__ import annotations
@@ -18,13 +25,21 @@ import errno
 import logging
 import os
 import stat
-import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from fusestore.config import ConfigError, PoolConfig
+from fusestore.config import PoolConfig
+from fusestore.datadirs import (
+    Datadir,
+    State,
+    mark_and_sweep,
+    open_datadirs,
+    start_private_area,
+)
 from fusestore.openfiles import Handle, OpenFile
-from fusestore.placement import DatadirSpace, choose_datadir, lookup_order
+from fusestore.placement import DatadirSpace, choose_datadir
+from fusestore.private import PRIVATE_DIR, sync_directory
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +51,9 @@ _CALLER_ONLY_FLAGS = (
     os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY | os.O_DIRECT | os.O_ACCMODE
 )
 _BACKING_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-@dataclass(frozen=True)
-class Datadir:
-    """A validated backing directory."""
-
-    path: str
-    priority: int
+_NEW_FILE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_RDWR | _BACKING_FLAGS
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG)
+_COPY_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -72,55 +82,49 @@ def _fail(code: int, message: str) -> OSError:
     return OSError(code, f"{os.strerror(code)}: {message}")
 
 
-def _open_datadir(spec_path: str, priority: int) -> Datadir:
-    """Create a missing datadir and prove it can be written, or raise ConfigError."""
-    try:
-        os.makedirs(spec_path, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"datadir {spec_path!r} cannot be created: {exc.strerror}") from exc
-    if not os.path.isdir(spec_path):
-        raise ConfigError(f"datadir {spec_path!r} is not a directory")
-    try:
-        probe_fd, probe_path = tempfile.mkstemp(prefix=".fusestore-probe-", dir=spec_path)
-        os.close(probe_fd)
-        os.unlink(probe_path)
-    except OSError as exc:
-        raise ConfigError(f"datadir {spec_path!r} cannot be written: {exc.strerror}") from exc
-    return Datadir(path=spec_path, priority=priority)
+def _check_name(name: str) -> None:
+    if name == PRIVATE_DIR:
+        raise _fail(errno.EPERM, f"{name!r} is reserved for fusestore's private area")
+
+
+def _copy_bytes(source_fd: int, target_fd: int, size: int) -> None:
+    """Copy ``size`` bytes from the start of one file to another, in the kernel."""
+    offset = 0
+    while offset < size:
+        sent = os.sendfile(target_fd, source_fd, offset, min(_COPY_CHUNK, size - offset))
+        if sent == 0:
+            break  # the source shrank meanwhile
+        offset += sent
 
 
 class Pool:
     """The datadirs of one mount, and the files open in them."""
 
-    def __init__(self, config: PoolConfig) -> None:
-        """Validate every datadir, creating missing ones; ConfigError names the first bad one."""
-        datadirs = []
-        seen: dict[tuple[int, int], str] = {}
-        for spec in config.datadirs:
-            datadir = _open_datadir(spec.path, spec.priority)
-            st = os.stat(datadir.path)
-            identity = (st.st_dev, st.st_ino)
-            if identity in seen:
-                raise ConfigError(
-                    f"datadir {spec.path!r} is the same directory as {seen[identity]!r}"
-                )
-            seen[identity] = spec.path
-            datadirs.append(datadir)
-        self.datadirs: list[Datadir] = lookup_order(datadirs)
+    def __init__(self, config: PoolConfig, instance: str | None = None) -> None:
+        """Validate every datadir, creating missing ones; ConfigError names the first bad one.
+
+        Nothing else is written until :meth:`start`.
+        """
+        self.instance = instance or uuid.uuid4().hex
+        self.datadirs: list[Datadir] = open_datadirs(config, self.instance)
+        self._datadir_by_path = {datadir.path: datadir for datadir in self.datadirs}
         self.min_free_space = config.min_free_space
+        self.sync = config.sync
         self._open_files: dict[str, OpenFile] = {}
+
+    def start(self) -> None:
+        """Mark the datadirs and sweep the leftovers of writers that crashed."""
+        mark_and_sweep(self.datadirs)
+
+    def stop(self) -> None:
+        for datadir in self.datadirs:
+            datadir.private.stop()
 
     # ----------------------------------------------------------------- lookup
 
     def copies(self, name: str) -> list[Copy]:
         """Every regular file called ``name``, winner first."""
         return list(self._iter_copies(name))
-
-    def locate(self, name: str) -> Copy:
-        """The copy that reads see, or ENOENT."""
-        for copy in self._iter_copies(name):
-            return copy
-        raise _fail(errno.ENOENT, name)
 
     def _iter_copies(self, name: str) -> Iterator[Copy]:
         # A generator so that locate() stops at the first hit.
@@ -130,8 +134,18 @@ class Pool:
                 st = os.stat(path, follow_symlinks=False)
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            except OSError as exc:
+                # A failing disk must not hide the names of the others.
+                log.error("datadir %s: cannot look up %r: %s", datadir.path, name, exc.strerror)
+                continue
             if stat.S_ISREG(st.st_mode):
                 yield Copy(datadir, path, st)
+
+    def locate(self, name: str) -> Copy:
+        """The copy that reads see, or ENOENT."""
+        for copy in self._iter_copies(name):
+            return copy
+        raise _fail(errno.ENOENT, name)
 
     def exists(self, name: str) -> bool:
         return name in self._open_files or any(True for _ in self._iter_copies(name))
@@ -142,9 +156,12 @@ class Pool:
             return os.fstat(open_file.any_fd())
         return self.locate(name).stat
 
-    def list_entries(self) -> list[os.DirEntry[str]]:
-        """Each visible name once, as the directory entry that serves it, in lookup order."""
-        listing: dict[str, os.DirEntry[str]] = {}
+    def list_names(self) -> list[tuple[str, str | None]]:
+        """Each visible name once, in lookup order, with the path to stat for it.
+
+        ``None`` instead of a path: ask :meth:`stat` (a file being written).
+        """
+        listing: dict[str, str | None] = {}
         for datadir in self.datadirs:
             try:
                 entries = os.scandir(datadir.path)
@@ -154,58 +171,67 @@ class Pool:
             with entries:
                 for entry in entries:
                     if entry.name not in listing and entry.is_file(follow_symlinks=False):
-                        listing[entry.name] = entry
-        return list(listing.values())
+                        listing[entry.name] = entry.path
+        for name, open_file in self._open_files.items():
+            if open_file.new:
+                listing.setdefault(name, None)
+        return list(listing.items())
+
+    def stat_listed(self, name: str, path: str | None) -> os.stat_result:
+        """Attributes of an entry of :meth:`list_names`; ENOENT if gone meanwhile."""
+        if path is None or name in self._open_files:
+            return self.stat(name)
+        st = os.stat(path, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise _fail(errno.ENOENT, name)
+        return st
 
     # -------------------------------------------------------------- placement
 
-    def free_space(self) -> list[DatadirSpace]:
-        """Each datadir's free bytes right now (statvfs ``f_bavail * f_frsize``)."""
-        spaces = []
+    def choose_datadir_for(
+        self, name: str, needed_bytes: int = 0, exclude: frozenset[str] = frozenset()
+    ) -> Datadir:
+        """The datadir a new file goes to, or ENOSPC/EROFS with a log of what was tried."""
+        healthy = []
         for datadir in self.datadirs:
-            try:
-                vfs = os.statvfs(datadir.path)
-                free = vfs.f_bavail * vfs.f_frsize
-            except OSError as exc:
-                log.error("cannot measure datadir %s: %s", datadir.path, exc.strerror)
-                free = 0
-            spaces.append(DatadirSpace(datadir.path, datadir.priority, free))
-        return spaces
-
-    def choose_datadir_for(self, name: str, needed_bytes: int = 0) -> Datadir:
-        """The datadir a new file goes to, or ENOSPC with a log of what was tried."""
-        spaces = self.free_space()
-        chosen = choose_datadir(spaces, self.min_free_space, needed_bytes)
-        if chosen is None:
-            tried = ", ".join(
-                f"{space.path} (priority {space.priority}, {space.free_bytes} bytes free)"
-                for space in spaces
-            )
-            log.warning(
-                "no datadir can hold %r: each needs more than %d bytes free; tried %s",
-                name,
-                self.min_free_space + needed_bytes,
-                tried,
-            )
-            raise _fail(errno.ENOSPC, f"no datadir can hold {name!r}")
-        return next(d for d in self.datadirs if d.path == chosen.path)
+            if datadir.path not in exclude and datadir.assess() is State.OK:
+                healthy.append(DatadirSpace(datadir.path, datadir.priority, datadir.free_bytes))
+        chosen = choose_datadir(healthy, self.min_free_space, needed_bytes)
+        if chosen is not None:
+            return self._datadir_by_path[chosen.path]
+        tried = ", ".join(
+            f"{d.path} (priority {d.priority}, {d.free_bytes} bytes free, {d.state.value}"
+            f"{', already tried' if d.path in exclude else ''})"
+            for d in self.datadirs
+        )
+        log.warning(
+            "no datadir can hold %r: each needs more than %d bytes free; tried %s",
+            name,
+            self.min_free_space + needed_bytes,
+            tried,
+        )
+        if not healthy and any(d.state is State.READ_ONLY for d in self.datadirs):
+            raise _fail(errno.EROFS, f"no writable datadir for {name!r}")
+        raise _fail(errno.ENOSPC, f"no datadir can hold {name!r}")
 
     # ----------------------------------------------------------- open/create
 
     def create(self, name: str, mode: int, uid: int, gid: int, flags: int) -> Handle:
-        """Create ``name`` in the best datadir and open it.
+        """Create ``name`` as a new file under a hidden name in the best datadir.
 
         If the name exists (the kernel's negative cache can be stale when a
         file appeared directly in a datadir), ``O_EXCL`` gets EEXIST and
         otherwise the existing file is opened, as open(2) would.
         """
+        _check_name(name)
         if self.exists(name):
             if flags & os.O_EXCL:
                 raise _fail(errno.EEXIST, name)
             return self.open(name, flags)
         datadir = self.choose_datadir_for(name)
-        path = os.path.join(datadir.path, name)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | _BACKING_FLAGS, 0o600)
+        start_private_area(datadir)
+        path = datadir.private.new_incoming_path()
+        fd = os.open(path, _NEW_FILE_FLAGS, 0o600)
         try:
             if os.geteuid() == 0:
                 os.fchown(fd, uid, gid)
@@ -214,50 +240,209 @@ class Pool:
             os.close(fd)
             os.unlink(path)
             raise
-        log.debug("created %r in %s", name, datadir.path)
-        return self._add_handle(name, datadir.path, path, fd, writable=True)
+        log.debug("creating %r in %s as %s", name, datadir.path, path)
+        open_file = OpenFile(name=name, datadir=datadir.path, path=path, new=True)
+        self._open_files[name] = open_file
+        return self._add_handle(open_file, fd, os.O_RDWR | _BACKING_FLAGS, writable=True)
 
     def open(self, name: str, flags: int) -> Handle:
         """Open an existing file; ``O_TRUNC`` truncates it."""
         open_file = self._open_files.get(name)
-        if open_file is not None and open_file.path is not None:
-            datadir, path = open_file.datadir, open_file.path
-        else:
+        if open_file is None or open_file.path is None:
             copy = self.locate(name)
-            datadir, path = copy.datadir.path, copy.path
+            open_file = OpenFile(name=name, datadir=copy.datadir.path, path=copy.path)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         # Writable handles read too: the kernel may read a page it is about to
         # write part of, even through a write-only descriptor.
         access = os.O_RDWR if writable else os.O_RDONLY
         backing_flags = (flags & ~_CALLER_ONLY_FLAGS) | access | _BACKING_FLAGS
-        fd = os.open(path, backing_flags)
+        fd = os.open(open_file.path, backing_flags)  # type: ignore[arg-type]
         if flags & os.O_TRUNC and writable:
             try:
                 os.ftruncate(fd, 0)
             except OSError:
                 os.close(fd)
                 raise
-        return self._add_handle(name, datadir, path, fd, writable)
+        self._open_files[name] = open_file
+        return self._add_handle(open_file, fd, backing_flags, writable)
 
-    def _add_handle(self, name: str, datadir: str, path: str, fd: int, writable: bool) -> Handle:
-        open_file = self._open_files.get(name)
-        if open_file is None:
-            open_file = OpenFile(name=name, datadir=datadir, path=path)
-            self._open_files[name] = open_file
-        handle = Handle(open_file=open_file, fd=fd, writable=writable)
+    @staticmethod
+    def _add_handle(open_file: OpenFile, fd: int, flags: int, writable: bool) -> Handle:
+        handle = Handle(open_file=open_file, fd=fd, flags=flags, writable=writable)
         open_file.handles.add(handle)
         return handle
 
-    def release(self, handle: Handle) -> None:
-        """Close a handle; the last one closes the file."""
+    # ---------------------------------------------------------------- writing
+
+    def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        """Write all of ``data``, moving the file to another datadir if its own is full."""
         open_file = handle.open_file
-        open_file.handles.discard(handle)
+        tried: set[str] = set()
+        while True:
+            try:
+                return handle.write(offset, data)
+            except OSError as exc:
+                if exc.errno not in _NO_ROOM or open_file.name is None or open_file.path is None:
+                    self._note_write_error(open_file, exc)
+                    raise
+            tried.add(open_file.datadir)
+            needed = max(os.fstat(handle.fd).st_size, offset + len(data))
+            try:
+                self._move_to_another_datadir(open_file, needed, tried)
+            except OSError as exc:
+                self._note_write_error(open_file, exc)
+                raise
+
+    def _move_to_another_datadir(self, open_file: OpenFile, needed: int, tried: set[str]) -> None:
+        """Move the file to the best datadir not yet tried; ENOSPC when none can hold it."""
+        name = open_file.name or "?"
+        while True:
+            target = self.choose_datadir_for(name, needed, exclude=frozenset(tried))
+            try:
+                self._move(open_file, target)
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_ROOM:
+                    raise
+                log.warning("datadir %s filled up while %r moved in", target.path, name)
+                tried.add(target.path)
+
+    def _move(self, open_file: OpenFile, target: Datadir) -> None:
+        """Copy the bytes to ``target`` and swap every handle's descriptor in place."""
+        source_fd = open_file.any_fd()
+        source_path, source_datadir = open_file.path, open_file.datadir
+        assert source_path is not None and open_file.name is not None
+        start_private_area(target)
+        new_path = target.private.new_incoming_path()
+        new_fd = os.open(new_path, _NEW_FILE_FLAGS, 0o600)
         try:
-            os.close(handle.fd)
+            st = os.fstat(source_fd)
+            if os.geteuid() == 0:
+                os.fchown(new_fd, st.st_uid, st.st_gid)
+            os.fchmod(new_fd, stat.S_IMODE(st.st_mode))
+            _copy_bytes(source_fd, new_fd, st.st_size)
+            if not open_file.new:
+                final_path = os.path.join(target.path, open_file.name)
+                os.link(new_path, final_path)
+            for handle in open_file.handles:
+                reopened = os.open(new_path, handle.flags)
+                os.dup2(reopened, handle.fd)  # same number: the handle never notices
+                os.close(reopened)
+        except BaseException:
+            os.close(new_fd)
+            os.unlink(new_path)
+            raise
+        os.close(new_fd)
+        if open_file.new:
+            open_file.path = new_path
+        else:
+            os.unlink(new_path)
+            open_file.path = final_path
+        os.unlink(source_path)
+        open_file.datadir = target.path
+        log.warning(
+            "moved %r (%d bytes) from full datadir %s to %s",
+            open_file.name,
+            st.st_size,
+            source_datadir,
+            target.path,
+        )
+
+    @staticmethod
+    def _note_write_error(open_file: OpenFile, exc: OSError) -> None:
+        # EACCES is the caller's business: the file stays. Any other failure
+        # of a new file means it is incomplete, and it is removed at close.
+        if open_file.new and exc.errno != errno.EACCES:
+            open_file.error = open_file.error or exc.errno
+            log.error("write to new file %r failed: %s", open_file.name, exc)
+
+    def flush(self, handle: Handle) -> None:
+        """On close(): publish a new file if this is its only handle.
+
+        Publishing here, not at release, lets close() report EEXIST and
+        fsync errors; a file still open elsewhere is published by the last
+        handle to close.
+        """
+        open_file = handle.open_file
+        if open_file.new and open_file.handles == {handle}:
+            self._finish_new_file(open_file)
+
+    def fsync(self, handle: Handle, datasync: bool) -> None:
+        """fsync; for a new file, also report EEXIST if its name was taken meanwhile."""
+        handle.fsync(datasync)
+        open_file = handle.open_file
+        if open_file.new and open_file.name is not None and self.copies(open_file.name):
+            raise _fail(errno.EEXIST, f"{open_file.name!r} appeared in the pool meanwhile")
+
+    def release(self, handle: Handle) -> None:
+        """Close a handle; the last one publishes or discards a new file."""
+        open_file = handle.open_file
+        try:
+            if open_file.new and open_file.handles == {handle}:
+                self._finish_new_file(open_file)
         finally:
-            last = not open_file.handles and open_file.name is not None
-            if last and self._open_files.get(open_file.name) is open_file:
-                del self._open_files[open_file.name]  # type: ignore[arg-type]
+            open_file.handles.discard(handle)
+            os.close(handle.fd)
+            if not open_file.handles and open_file.name is not None:
+                self._forget(open_file.name, open_file)
+
+    def _finish_new_file(self, open_file: OpenFile) -> None:
+        """Publish a new file under its name, or remove it, or keep it aside.
+
+        Removed: it was unlinked while open, or a write (or the final fsync)
+        failed, so it is incomplete. Kept aside in the private area: its name
+        was taken meanwhile (EEXIST), or publishing failed, so the bytes are
+        whole but have no name; nothing that was written completely is lost.
+        """
+        hidden, name = open_file.path, open_file.name
+        assert hidden is not None
+        datadir = self._datadir_by_path[open_file.datadir]
+        if name is not None and open_file.error is None and self.sync:
+            try:
+                os.fsync(open_file.any_fd())
+            except OSError as exc:
+                self._note_write_error(open_file, exc)
+        open_file.new = False
+        if name is None or open_file.error is not None:
+            open_file.path = None
+            os.unlink(hidden)
+            if name is None:
+                return
+            self._forget(name, open_file)
+            log.warning("removed incomplete new file %r after a failed write", name)
+            raise _fail(open_file.error or errno.EIO, f"{name!r} was not stored")
+        final_path = os.path.join(datadir.path, name)
+        try:
+            if self.copies(name):
+                raise FileExistsError(errno.EEXIST, "taken meanwhile")
+            os.link(hidden, final_path)  # unlike rename, never replaces
+        except OSError as exc:
+            self._keep_aside(open_file, datadir, hidden, name, exc)
+            if isinstance(exc, FileExistsError):
+                raise _fail(errno.EEXIST, f"{name!r} appeared in the pool meanwhile") from None
+            raise
+        open_file.path = final_path
+        os.unlink(hidden)
+        if self.sync:
+            sync_directory(datadir.path)
+        log.debug("published %r in %s", name, datadir.path)
+
+    def _keep_aside(
+        self, open_file: OpenFile, datadir: Datadir, hidden: str, name: str, reason: OSError
+    ) -> None:
+        try:
+            kept = datadir.private.keep_aside(hidden, name)
+        except OSError as exc:
+            kept = hidden  # still safe from the leftover sweep while we run
+            log.error("cannot move %s into the kept area: %s", hidden, exc.strerror)
+        open_file.path = kept
+        self._forget(name, open_file)
+        open_file.name = None
+        log.error("%r could not be published (%s): its data is kept in %s", name, reason, kept)
+
+    def _forget(self, name: str, open_file: OpenFile) -> None:
+        if self._open_files.get(name) is open_file:
+            del self._open_files[name]
 
     # ---------------------------------------------------------------- changes
 
@@ -304,7 +489,8 @@ class Pool:
     def unlink(self, name: str) -> None:
         """Remove every copy, so a deleted file never returns from a lower datadir."""
         copies = self.copies(name)
-        if not copies:
+        open_file = self._open_files.get(name)
+        if not copies and not (open_file is not None and open_file.new):
             raise _fail(errno.ENOENT, name)
         first_error: OSError | None = None
         for copy in copies:
@@ -324,21 +510,25 @@ class Pool:
 
         The file never changes datadir, so a rename is as cheap and atomic as
         on the disk; copies of ``new`` in datadirs that had no ``old`` would
-        otherwise shadow or resurrect the old target, so they go.
+        otherwise shadow or resurrect the old target, so they go. A new file
+        that is still being written is simply published under the new name.
         """
-        sources = self.copies(old)
-        if not sources:
+        _check_name(new)
+        moving = self._open_files.get(old)
+        being_written = moving is not None and moving.new
+        sources = [] if being_written else self.copies(old)
+        if not sources and not being_written:
             raise _fail(errno.ENOENT, old)
         targets = self.copies(new)
-        if no_replace and targets:
+        target_open = self._open_files.get(new)
+        if no_replace and (targets or (target_open is not None and target_open.new)):
             raise _fail(errno.EEXIST, new)
         if old == new:
             return
         renamed_in: set[str] = set()
         for position, source in enumerate(sources):
-            target_path = os.path.join(source.datadir.path, new)
             try:
-                os.rename(source.path, target_path)
+                os.rename(source.path, os.path.join(source.datadir.path, new))
             except OSError as exc:
                 if position == 0:
                     raise  # nothing has changed yet
@@ -352,12 +542,12 @@ class Pool:
                 except OSError as exc:
                     log.error("cannot remove replaced copy %s: %s", target.path, exc.strerror)
         self._detach(new)
-        moved = self._open_files.pop(old, None)
-        if moved is not None:
-            moved.name = new
-            if moved.path is not None:
-                moved.path = os.path.join(moved.datadir, new)
-            self._open_files[new] = moved
+        if moving is not None:
+            del self._open_files[old]
+            moving.name = new
+            if not moving.new and moving.path is not None:
+                moving.path = os.path.join(moving.datadir, new)
+            self._open_files[new] = moving
 
     def _detach(self, name: str) -> None:
         open_file = self._open_files.pop(name, None)

@@ -43,3 +43,12 @@ def test_signal_unmounts_and_exits_zero(
     assert (mounted.datadirs[0].path / "open-at-signal").read_bytes() == (
         b"written before the signal"
     )
+
+
+def test_debug_logs_every_request(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> None:
+    mounted = mount_pool([Datadir(tmpfs("d", 8), 0)], "--debug")
+    mounted.path("traced").write_bytes(b"x")
+    os.listdir(mounted.mountpoint)
+    log = mounted.log()
+    for operation in ("create(", "write(", "release(", "opendir(", "readdir("):
+        assert operation in log
