@@ -34,6 +34,7 @@ class OpenFile:
     datadir: str
     path: str | None
     new: bool = False
+    written: bool = False
     error: int | None = None
     handles: set[Handle] = field(default_factory=set)
 

@@ -280,7 +280,9 @@ class Pool:
         tried: set[str] = set()
         while True:
             try:
-                return handle.write(offset, data)
+                written = handle.write(offset, data)
+                open_file.written = True
+                return written
             except OSError as exc:
                 if exc.errno not in _NO_ROOM or open_file.name is None or open_file.path is None:
                     self._note_write_error(open_file, exc)
@@ -357,14 +359,17 @@ class Pool:
             log.error("write to new file %r failed: %s", open_file.name, exc)
 
     def flush(self, handle: Handle) -> None:
-        """On close(): publish a new file if this is its only handle.
+        """On close(): publish a written new file if this is its only handle.
 
-        Publishing here, not at release, lets close() report EEXIST and
-        fsync errors; a file still open elsewhere is published by the last
-        handle to close.
+        Publishing here rather than at release lets close() report EEXIST and
+        fsync errors, which release cannot. A file that nothing was written to
+        yet waits for release: shells and dd open the file, dup2 it onto
+        stdout and close the original before writing a byte, and that first
+        close must not publish an empty file. A file still open through
+        another handle is published by the last one to close.
         """
         open_file = handle.open_file
-        if open_file.new and open_file.handles == {handle}:
+        if open_file.new and open_file.written and open_file.handles == {handle}:
             self._finish_new_file(open_file)
 
     def fsync(self, handle: Handle, datasync: bool) -> None:
@@ -405,6 +410,8 @@ class Pool:
         open_file.new = False
         if name is None or open_file.error is not None:
             open_file.path = None
+            # Free the space now: handles may outlive this close by a moment.
+            os.truncate(hidden, 0)
             os.unlink(hidden)
             if name is None:
                 return

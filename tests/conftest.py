@@ -136,6 +136,50 @@ def tmpfs(tmp_path: Path) -> Iterator[TmpfsFactory]:
             subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+class Ext4Disk:
+    """A loop-mounted ext4 image: a real disk that can fail, go read-only or vanish."""
+
+    def __init__(self, image: Path, path: Path) -> None:
+        self.image = image
+        self.path = path
+
+    def mount(self, *options: str) -> None:
+        opts = ",".join(("loop", *options))
+        subprocess.run(["mount", "-o", opts, str(self.image), str(self.path)], check=True)
+
+    def remount(self, mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(self.path)], check=True)
+
+    def unmount(self) -> None:
+        """Lazily, as a disk yanked from under a running daemon would go."""
+        subprocess.run(["umount", "-l", str(self.path)], check=True)
+
+
+@pytest.fixture
+def ext4(tmp_path: Path) -> Iterator[Callable[[str, int], Ext4Disk]]:
+    """``ext4(name, size_mib)`` makes and mounts an ext4 image; unmounted at teardown."""
+    disks: list[Ext4Disk] = []
+
+    def make(name: str, size_mib: int) -> Ext4Disk:
+        image = tmp_path / f"{name}.ext4"
+        with image.open("wb") as f:
+            f.truncate(size_mib * MiB)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+        path = tmp_path / name
+        path.mkdir()
+        disk = Ext4Disk(image, path)
+        disk.mount()
+        (path / "lost+found").rmdir()  # a fresh datadir, as an admin would prepare it
+        disks.append(disk)
+        return disk
+
+    yield make
+    for disk in reversed(disks):
+        while is_mounted(disk.path):
+            if subprocess.run(["umount", str(disk.path)], check=False).returncode != 0:
+                subprocess.run(["umount", "-l", str(disk.path)], check=False)
+
+
 def start_mount(
     mountpoint: Path,
     datadirs: Sequence[Datadir],
@@ -172,11 +216,13 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def mount_pool(tmp_path: Path, tmpfs: TmpfsFactory) -> Iterator[MountFactory]:
+def mount_pool(
+    tmp_path: Path, tmpfs: TmpfsFactory, ext4: Callable[[str, int], Ext4Disk]
+) -> Iterator[MountFactory]:
     """``mount_pool(datadirs, *extra_args)`` mounts them at a fresh mountpoint.
 
-    Depends on ``tmpfs`` so that the mounts are torn down before the tmpfs
-    datadirs under them.
+    Depends on ``tmpfs`` and ``ext4`` so that the mounts are torn down before
+    the datadirs under them.
     """
     pools: list[MountedPool] = []
 

@@ -133,6 +133,7 @@ def test_chmod_chown_and_times_reach_the_backing_file(two: MountedPool) -> None:
 def test_setattr_through_an_open_descriptor(two: MountedPool) -> None:
     fd = os.open(two.path("fd-meta"), os.O_CREAT | os.O_RDWR, 0o600)
     try:
+        os.write(fd, b"contents")
         os.fchmod(fd, 0o640)
         os.utime(fd, ns=(3_000_000_000, 4_000_000_000))
     finally:
