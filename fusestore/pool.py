@@ -284,7 +284,7 @@ class Pool:
                 open_file.written = True
                 return written
             except OSError as exc:
-                if exc.errno not in _NO_ROOM or open_file.name is None or open_file.path is None:
+                if exc.errno not in _NO_ROOM:
                     self._note_write_error(open_file, exc)
                     raise
             tried.add(open_file.datadir)
@@ -297,7 +297,7 @@ class Pool:
 
     def _move_to_another_datadir(self, open_file: OpenFile, needed: int, tried: set[str]) -> None:
         """Move the file to the best datadir not yet tried; ENOSPC when none can hold it."""
-        name = open_file.name or "?"
+        name = open_file.name or "(unlinked file)"
         while True:
             target = self.choose_datadir_for(name, needed, exclude=frozenset(tried))
             try:
@@ -310,12 +310,17 @@ class Pool:
                 tried.add(target.path)
 
     def _move(self, open_file: OpenFile, target: Datadir) -> None:
-        """Copy the bytes to ``target`` and swap every handle's descriptor in place."""
+        """Copy the bytes to ``target`` and swap every handle's descriptor in place.
+
+        A new file stays hidden in the target's private area; a published one
+        is linked under its name there before the old copy goes, so the name
+        never disappears; one unlinked while open stays nameless.
+        """
         source_fd = open_file.any_fd()
         source_path, source_datadir = open_file.path, open_file.datadir
-        assert source_path is not None and open_file.name is not None
         start_private_area(target)
         new_path = target.private.new_incoming_path()
+        final_path = new_path
         new_fd = os.open(new_path, _NEW_FILE_FLAGS, 0o600)
         try:
             st = os.fstat(source_fd)
@@ -323,7 +328,7 @@ class Pool:
                 os.fchown(new_fd, st.st_uid, st.st_gid)
             os.fchmod(new_fd, stat.S_IMODE(st.st_mode))
             _copy_bytes(source_fd, new_fd, st.st_size)
-            if not open_file.new:
+            if not open_file.new and source_path is not None and open_file.name is not None:
                 final_path = os.path.join(target.path, open_file.name)
                 os.link(new_path, final_path)
             for handle in open_file.handles:
@@ -333,18 +338,21 @@ class Pool:
         except BaseException:
             os.close(new_fd)
             os.unlink(new_path)
+            if final_path != new_path:
+                os.unlink(final_path)
             raise
         os.close(new_fd)
         if open_file.new:
             open_file.path = new_path
         else:
-            os.unlink(new_path)
-            open_file.path = final_path
-        os.unlink(source_path)
+            os.unlink(new_path)  # published: final_path holds it; orphaned: nothing does
+            open_file.path = final_path if final_path != new_path else None
+        if source_path is not None:
+            os.unlink(source_path)
         open_file.datadir = target.path
         log.warning(
             "moved %r (%d bytes) from full datadir %s to %s",
-            open_file.name,
+            open_file.name or "(unlinked file)",
             st.st_size,
             source_datadir,
             target.path,
