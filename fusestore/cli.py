@@ -1,6 +1,11 @@
-"""The ``fusestore`` command: argument parsing, logging set-up, exit codes.
+"""The ``fusestore`` command: arguments, logging set-up, exit codes.
 
-Errors are turned into exit codes here and nowhere else: a bad setting
+Three subcommands — ``mount``, ``status``, ``check`` — plus the form that
+mount(8) uses through Debian's ``mount.fuse3`` helper:
+``fusestore SOURCE MOUNTPOINT -o OPTS``, where SOURCE is a config file or a
+datadir list ``PATH[:PRIORITY][,PATH[:PRIORITY]…]``.
+
+Errors become exit codes here and nowhere else: a bad setting
 (:class:`~fusestore.config.ConfigError`) exits 2 with one line naming the
 value, before anything is mounted; a mount the kernel refuses exits 1.
 """
@@ -8,53 +13,67 @@ value, before anything is mounted; a mount the kernel refuses exits 1.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import logging.handlers
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fusestore import __version__
-from fusestore.config import ConfigError, build_pool_config
+from fusestore.config import ConfigError, parse_size
+from fusestore.settings import resolve, split_mount_options
 
 log = logging.getLogger("fusestore")
 
 EXIT_MOUNT_FAILED = 1
 EXIT_BAD_CONFIG = 2
+SUBCOMMANDS = ("mount", "status", "check")
+_SYSLOG_SOCKET = "/dev/log"
+_LOG_FORMAT = "%(asctime)s fusestore[%(process)d] %(levelname)s %(message)s"
 
 _MOUNT_EPILOG = """\
 placement: a new file goes to the highest-priority datadir whose free space
-exceeds --min-free-space; among datadirs of equal priority, the one with the
+exceeds min_free_space; among datadirs of equal priority, the one with the
 most free space wins. Reads, renames and deletes go to whichever datadir holds
 the file.
 
+settings have one name everywhere: in the config file (min_free_space = "4G"),
+as -o min_free_space=4G and as --min-free-space 4G. The command line and -o
+override the file; a datadir list given here replaces the file's.
+
 examples:
   fusestore mount --datadirs /srv/fast:200 --datadirs /srv/big:100 /var/lib/images
-  fusestore mount --datadir /srv/images --min-free-space 4G -o allow_other /mnt/images
+  fusestore mount --config /etc/fusestore/images.toml /var/lib/images
+  mount -t fuse.fusestore /etc/fusestore/images.toml /var/lib/images -o allow_other
   fusermount3 -u /var/lib/images     # unmount; the daemon exits 0
+  kill -HUP <pid>                    # re-read the config file
 """
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fusestore",
-        description="Pool several prioritized directories (datadirs) into one "
-        "flat FUSE directory of files, placing each new file like OpenStack "
-        "Glance's filesystem store.",
-    )
-    parser.add_argument("--version", action="version", version=f"fusestore {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_mount_parser(commands: Any) -> None:
     mount = commands.add_parser(
         "mount",
         help="mount a pool of datadirs",
         description="Mount a pool of datadirs at MOUNTPOINT. Without --foreground "
-        "the command returns once the mount is usable and the daemon stays "
-        "in the background.",
+        "the command returns once the mount answers and the daemon stays in the "
+        "background.",
         epilog=_MOUNT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="existing directory to mount on")
-    source = mount.add_argument_group("pool (give exactly one of --datadir or --datadirs)")
+    source = mount.add_argument_group("the pool (from a config file, or --datadir/--datadirs)")
+    source.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config file with the settings below (re-read on SIGHUP)",
+    )
+    source.add_argument(
+        "--source",
+        metavar="SOURCE",
+        help="what mount(8) passes: a config file, or datadirs as PATH[:PRIORITY][,...]",
+    )
     source.add_argument("--datadir", metavar="PATH", help="a single datadir; created if missing")
     source.add_argument(
         "--datadirs",
@@ -67,15 +86,21 @@ def _build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--min-free-space",
         metavar="SIZE",
-        default="0",
         help="reserve per datadir: one whose free space is at or below SIZE takes no "
         "new files (bytes, or with a K/M/G/T suffix in powers of 1024; default 0)",
     )
-    mount.add_argument(
+    source.add_argument(
         "--no-sync",
-        action="store_true",
+        action="store_const",
+        const=True,
         help="do not fsync a new file and its directory entry before publishing it at "
         "close: faster, but a power cut can lose files whose close() had returned",
+    )
+    source.add_argument(
+        "--metadata-file",
+        metavar="FILE",
+        help="Glance's filesystem_store_metadata_file (JSON with 'id' and 'mountpoint'); "
+        "checked at start and shown by 'fusestore status'",
     )
     mount.add_argument(
         "-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr"
@@ -83,60 +108,193 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "-o",
         metavar="OPT[,OPT...]",
-        dest="fuse_options",
+        dest="mount_options",
         action="append",
         default=[],
-        help="FUSE mount options, e.g. allow_other (needed for other users to see the "
-        "mount when root runs the daemon)",
+        help="pool settings (min_free_space=4G, no_sync, datadirs=PATH:PRIO, ...) and "
+        "FUSE mount options (allow_other: other users may use the mount; ro; ...); "
+        "mount(8)'s own options (_netdev, nofail, noauto, x-systemd.*) are ignored",
     )
     mount.add_argument("--log-file", metavar="PATH", help="also append the log to PATH")
-    mount.add_argument("--debug", action="store_true", help="log every request")
+    mount.add_argument("--debug", action="store_const", const=True, help="log every request")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusestore",
+        description="Pool several prioritized directories (datadirs) into one "
+        "flat FUSE directory of files, placing each new file like OpenStack "
+        "Glance's filesystem store.",
+        epilog="mount(8) form: fusestore SOURCE MOUNTPOINT [-o OPTS], with SOURCE a "
+        "config file or PATH[:PRIORITY][,PATH[:PRIORITY]...]",
+    )
+    parser.add_argument("--version", action="version", version=f"fusestore {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_mount_parser(commands)
+
+    status = commands.add_parser(
+        "status",
+        help="show each datadir of a mounted pool",
+        description="Ask the daemon serving MOUNTPOINT for each datadir's priority, "
+        "state (ok, full, read-only, missing, vanished, no-new-files), size, free "
+        "space and files, and the pool's totals.",
+    )
+    status.add_argument("mountpoint", metavar="MOUNTPOINT")
+    status.add_argument("--json", action="store_true", help="stable JSON for scripts")
+
+    check = commands.add_parser(
+        "check",
+        help="find duplicates, leftovers and foreign entries in a pool's datadirs",
+        description="Look through the datadirs of a pool — given as a mountpoint, a "
+        "config file or PATH[:PRIORITY][,...] — for names in more than one datadir, "
+        "leftovers of unfinished writes, data kept aside after a lost race, entries "
+        "the pool ignores (directories, symlinks, special files) and datadirs "
+        "without their mark. Exits 0 only when all is clean.",
+    )
+    check.add_argument("target", metavar="SOURCE|MOUNTPOINT")
+    check.add_argument(
+        "--fix",
+        action="store_true",
+        help="remove shadowed duplicates (the copy that reads through the mount wins) "
+        "and leftovers of writers that are no longer running; print what was done",
+    )
     return parser
 
 
-def _setup_logging(debug: bool, log_file: str | None) -> None:
+def _setup_logging(debug: bool, log_file: str | None, background: bool) -> None:
+    """stderr (journald under systemd), plus --log-file; plus syslog for a
+    background daemon without a log file, whose stderr goes nowhere once the
+    mount is up."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         handlers.append(logging.FileHandler(log_file))
+    elif background and os.path.exists(_SYSLOG_SOCKET):
+        syslog = logging.handlers.SysLogHandler(address=_SYSLOG_SOCKET)
+        syslog.setFormatter(logging.Formatter("fusestore[%(process)d]: %(levelname)s %(message)s"))
+        handlers.append(syslog)
+    for handler in handlers:
+        if handler.formatter is None:
+            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s fusestore[%(process)d] %(levelname)s %(message)s",
-        handlers=handlers,
+        level=logging.DEBUG if debug else logging.INFO, handlers=handlers, force=True
     )
 
 
-def _split_options(values: Sequence[str]) -> list[str]:
-    return [opt for value in values for opt in value.split(",") if opt]
+def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+    """The config file to read (if any) and everything that overrides it."""
+    overrides, fuse_options = split_mount_options(args.mount_options)
+    config_file = args.config
+    if args.source is not None:
+        if os.path.isfile(args.source):
+            config_file = config_file or args.source
+        else:
+            overrides["datadirs"] = [spec for spec in args.source.split(",") if spec]
+    for key in ("datadir", "metadata_file", "log_file", "no_sync", "debug"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.datadirs:
+        overrides["datadirs"] = args.datadirs
+    if args.min_free_space is not None:
+        overrides["min_free_space"] = parse_size(args.min_free_space)
+    overrides["options"] = fuse_options
+    return config_file, overrides
 
 
 def _mount(args: argparse.Namespace) -> int:
-    # Imported here so that --help and config errors do not need libfuse.
+    # Imported here so that --help and the other commands do not need libfuse.
     from fusestore.daemon import MountError, fork_and_wait_until_ready, serve
     from fusestore.pool import Pool
 
     mountpoint = os.path.abspath(args.mountpoint)
     try:
-        config = build_pool_config(
-            args.datadir, args.datadirs, args.min_free_space, sync=not args.no_sync
-        )
+        config_file, overrides = _mount_settings(args)
+        settings = resolve(config_file, overrides)
+        metadata = settings.metadata()
         if not os.path.isdir(mountpoint):
             raise ConfigError(f"mountpoint {args.mountpoint!r} is not an existing directory")
-        pool = Pool(config)
+        pool = Pool(settings.pool_config())
     except ConfigError as exc:
         print(f"fusestore: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    _setup_logging(settings.debug, settings.log_file, background=not args.foreground)
+
+    def reload() -> None:
+        try:
+            fresh = resolve(config_file, overrides)
+            fresh.metadata()
+            pool.reconfigure(fresh.pool_config())
+        except ConfigError as exc:
+            log.error("reload rejected, the running settings stay: %s", exc)
+            return
+        log.info(
+            "reloaded %s: datadirs %s, min_free_space %d bytes",
+            config_file,
+            ", ".join(f"{d.path} (priority {d.priority})" for d in pool.datadirs if not d.retired),
+            pool.min_free_space,
+        )
+
     on_ready = (lambda: None) if args.foreground else fork_and_wait_until_ready()
+    about = {"config_file": config_file, "metadata": metadata}
     try:
-        serve(pool, mountpoint, _split_options(args.fuse_options), args.debug, on_ready)
+        serve(
+            pool,
+            mountpoint,
+            settings.options,
+            settings.debug,
+            on_ready,
+            reload if config_file else None,
+            about,
+        )
     except MountError as exc:
         log.error("%s", exc)
         return EXIT_MOUNT_FAILED
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from fusestore import status
+
+    try:
+        report = status.read(args.mountpoint)
+    except status.NotAPool as exc:
+        print(f"fusestore: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else status.render_table(report))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from fusestore import check
+
+    try:
+        datadirs = check.datadirs_of(args.target)
+    except ConfigError as exc:
+        print(f"fusestore: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    findings = check.scan(datadirs)
+    for line in check.describe(findings):
+        print(line)
+    if args.fix:
+        for line in check.fix(findings):
+            print(line)
+        findings = check.scan(datadirs)
+    return 0 if findings.clean else 1
+
+
+def _as_subcommand(argv: list[str]) -> list[str]:
+    """Turn mount(8)'s ``SOURCE MOUNTPOINT -o OPTS`` into ``mount --source …``."""
+    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        return ["mount", "--source", argv[0], *argv[1:]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    arguments = _as_subcommand(list(sys.argv[1:] if argv is None else argv))
+    args = _build_parser().parse_args(arguments)
     if args.command == "mount":
-        _setup_logging(args.debug, args.log_file)
         return _mount(args)
+    if args.command == "status":
+        return _status(args)
+    if args.command == "check":
+        return _check(args)
     raise AssertionError(f"unhandled command {args.command!r}")

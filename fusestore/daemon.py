@@ -12,8 +12,10 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pyfuse3
+import sdnotify
 import trio
 
 from fusestore.fs import Operations
@@ -34,10 +36,17 @@ def serve(
     fuse_options: Iterable[str] = (),
     debug: bool = False,
     on_ready: Callable[[], None] = lambda: None,
+    reload: Callable[[], None] | None = None,
+    about: dict[str, Any] | None = None,
 ) -> None:
-    """Mount the pool and serve it until unmounted or signalled (SIGTERM, SIGINT)."""
+    """Mount the pool and serve it until unmounted or signalled (SIGTERM, SIGINT).
+
+    ``on_ready`` runs, and systemd hears READY=1, once the mount has answered
+    a request. SIGHUP calls ``reload``.
+    """
     pool.start()
-    operations = Operations(pool, debug=debug)
+    facts = {"mountpoint": mountpoint, "pid": os.getpid(), **(about or {})}
+    operations = Operations(pool, debug=debug, about=facts)
     options = set(MOUNT_OPTIONS) | set(fuse_options)
     if debug:
         options.add("debug")
@@ -55,7 +64,7 @@ def serve(
     )
     unmount = True
     try:
-        trio.run(_serve_until_done, on_ready)
+        trio.run(_serve_until_done, mountpoint, on_ready, reload)
     except BaseException:
         # The session may be in any state: do not risk a second error while
         # unmounting; fusermount3 -u still works.
@@ -67,18 +76,43 @@ def serve(
         log.info("unmounted %s", mountpoint)
 
 
-async def _serve_until_done(on_ready: Callable[[], None]) -> None:
+async def _serve_until_done(
+    mountpoint: str, on_ready: Callable[[], None], reload: Callable[[], None] | None
+) -> None:
+    notifier = sdnotify.SystemdNotifier()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_terminate_on_signal)
-        on_ready()
+        nursery.start_soon(_handle_signals, notifier, reload)
+        nursery.start_soon(_announce_when_usable, mountpoint, notifier, on_ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _terminate_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _announce_when_usable(
+    mountpoint: str, notifier: sdnotify.SystemdNotifier, on_ready: Callable[[], None]
+) -> None:
+    # Our own main loop must answer this stat: only then is the mount usable.
+    await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    on_ready()
+    notifier.notify(f"READY=1\nSTATUS=serving {mountpoint}")
+    log.info("ready: %s answers", mountpoint)
+
+
+async def _handle_signals(
+    notifier: sdnotify.SystemdNotifier, reload: Callable[[], None] | None
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                notifier.notify("RELOADING=1")
+                if reload is None:
+                    log.warning("received SIGHUP: no config file to reload")
+                else:
+                    log.info("received SIGHUP: reloading the config")
+                    reload()
+                notifier.notify("READY=1")
+                continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            notifier.notify("STOPPING=1")
             pyfuse3.terminate()
 
 

@@ -16,8 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fusestore.config import ConfigError, PoolConfig
-from fusestore.placement import lookup_order
+from fusestore.config import ConfigError, DatadirSpec
 from fusestore.private import PrivateArea
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,7 @@ class Datadir:
     private: PrivateArea
     state: State = State.OK
     free_bytes: int = 0
+    retired: bool = False  # dropped from the config on reload: no new files, files stay
     _logged_state: State = field(default=State.OK, repr=False)
 
     def assess(self) -> State:
@@ -90,23 +90,35 @@ def _validate(path: str) -> None:
         raise ConfigError(f"datadir {path!r} cannot be written: {exc.strerror}") from exc
 
 
-def open_datadirs(config: PoolConfig, instance: str) -> list[Datadir]:
-    """Validate every datadir (creating missing ones), in lookup order.
+def open_datadirs(
+    specs: Sequence[DatadirSpec], instance: str, existing: Sequence[Datadir] = ()
+) -> list[Datadir]:
+    """Validate the datadirs not in ``existing`` (creating missing ones).
 
-    Raises ConfigError naming the first bad one; touches nothing but the
+    Raises ConfigError naming the first bad one, or one that is the same
+    directory as another (also through a symlink); touches nothing but the
     datadirs themselves.
     """
-    datadirs = []
+    opened = []
     seen: dict[tuple[int, int], str] = {}
-    for spec in config.datadirs:
+    for datadir in existing:
+        try:
+            st = os.stat(datadir.path)
+        except OSError:
+            continue
+        seen[(st.st_dev, st.st_ino)] = datadir.path
+    known = {datadir.path for datadir in existing}
+    for spec in specs:
+        if spec.path in known:
+            continue
         _validate(spec.path)
         st = os.stat(spec.path)
         identity = (st.st_dev, st.st_ino)
         if identity in seen:
             raise ConfigError(f"datadir {spec.path!r} is the same directory as {seen[identity]!r}")
         seen[identity] = spec.path
-        datadirs.append(Datadir(spec.path, spec.priority, PrivateArea(spec.path, instance)))
-    return lookup_order(datadirs)
+        opened.append(Datadir(spec.path, spec.priority, PrivateArea(spec.path, instance)))
+    return opened
 
 
 def mark_and_sweep(datadirs: Sequence[Datadir]) -> None:

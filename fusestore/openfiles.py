@@ -34,7 +34,7 @@ class OpenFile:
     datadir: str
     path: str | None
     new: bool = False
-    written: bool = False
+    dirty: bool = False  # written since the last fsync
     error: int | None = None
     handles: set[Handle] = field(default_factory=set)
 
@@ -57,6 +57,10 @@ class Handle:
     fd: int
     flags: int  # the backing open(2) flags, to reopen the file where it moves
     writable: bool
+    # This handle created the file and published it at a close() while
+    # descriptors of it stayed open (a fork, a dup): writing through it again
+    # takes the file back under its hidden name until the next close.
+    published_early: bool = False
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)

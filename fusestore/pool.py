@@ -38,7 +38,7 @@ from fusestore.datadirs import (
     start_private_area,
 )
 from fusestore.openfiles import Handle, OpenFile
-from fusestore.placement import DatadirSpace, choose_datadir
+from fusestore.placement import DatadirSpace, choose_datadir, lookup_order
 from fusestore.private import PRIVATE_DIR, sync_directory
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Pool:
         Nothing else is written until :meth:`start`.
         """
         self.instance = instance or uuid.uuid4().hex
-        self.datadirs: list[Datadir] = open_datadirs(config, self.instance)
+        self.datadirs: list[Datadir] = lookup_order(open_datadirs(config.datadirs, self.instance))
         self._datadir_by_path = {datadir.path: datadir for datadir in self.datadirs}
         self.min_free_space = config.min_free_space
         self.sync = config.sync
@@ -114,6 +114,29 @@ class Pool:
 
     def start(self) -> None:
         """Mark the datadirs and sweep the leftovers of writers that crashed."""
+        mark_and_sweep(self.datadirs)
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """Apply a reloaded config at once, or raise ConfigError and change nothing.
+
+        New datadirs join (marked, swept); priorities and the reserve change;
+        a datadir dropped from the config takes no new files, but its files
+        stay visible and usable until they are moved off.
+        """
+        added = open_datadirs(config.datadirs, self.instance, existing=self.datadirs)
+        priorities = {spec.path: spec.priority for spec in config.datadirs}
+        for datadir in self.datadirs:
+            retired = datadir.path not in priorities
+            if retired and not datadir.retired:
+                log.warning("datadir %s was removed from the config: no new files", datadir.path)
+            datadir.retired = retired
+            datadir.priority = priorities.get(datadir.path, datadir.priority)
+        for datadir in added:
+            log.info("datadir %s (priority %d) joins the pool", datadir.path, datadir.priority)
+        self.datadirs = lookup_order([*self.datadirs, *added])
+        self._datadir_by_path = {datadir.path: datadir for datadir in self.datadirs}
+        self.min_free_space = config.min_free_space
+        self.sync = config.sync
         mark_and_sweep(self.datadirs)
 
     def stop(self) -> None:
@@ -156,6 +179,13 @@ class Pool:
             return os.fstat(open_file.any_fd())
         return self.locate(name).stat
 
+    def datadir_of(self, name: str) -> str:
+        """The datadir that holds ``name`` now (for a file being written: where it goes)."""
+        open_file = self._open_files.get(name)
+        if open_file is not None:
+            return open_file.datadir
+        return self.locate(name).datadir.path
+
     def list_names(self) -> list[tuple[str, str | None]]:
         """Each visible name once, in lookup order, with the path to stat for it.
 
@@ -194,7 +224,9 @@ class Pool:
         """The datadir a new file goes to, or ENOSPC/EROFS with a log of what was tried."""
         healthy = []
         for datadir in self.datadirs:
-            if datadir.path not in exclude and datadir.assess() is State.OK:
+            if datadir.retired or datadir.path in exclude:
+                continue
+            if datadir.assess() is State.OK:
                 healthy.append(DatadirSpace(datadir.path, datadir.priority, datadir.free_bytes))
         chosen = choose_datadir(healthy, self.min_free_space, needed_bytes)
         if chosen is not None:
@@ -277,11 +309,13 @@ class Pool:
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
         """Write all of ``data``, moving the file to another datadir if its own is full."""
         open_file = handle.open_file
+        if handle.published_early:
+            self._take_back(handle)
         tried: set[str] = set()
         while True:
             try:
                 written = handle.write(offset, data)
-                open_file.written = True
+                open_file.dirty = True
                 return written
             except OSError as exc:
                 if exc.errno not in _NO_ROOM:
@@ -367,25 +401,50 @@ class Pool:
             log.error("write to new file %r failed: %s", open_file.name, exc)
 
     def flush(self, handle: Handle) -> None:
-        """On close(): publish a written new file if this is its only handle.
+        """On close(): publish a new file if this is its only handle.
 
-        Publishing here rather than at release lets close() report EEXIST and
-        fsync errors, which release cannot. A file that nothing was written to
-        yet waits for release: shells and dd open the file, dup2 it onto
-        stdout and close the original before writing a byte, and that first
-        close must not publish an empty file. A file still open through
-        another handle is published by the last one to close.
+        Publishing here rather than at release means the file is in its
+        datadir when close() returns, and close() can report what release
+        cannot: a failed write (the file is removed), EEXIST (the name was
+        taken meanwhile; the data is kept aside) and fsync errors. If
+        descriptors stay open after this close and are written to — shells
+        and dd open the file, dup2 it onto stdout and close the original
+        before writing a byte; a forked child closes its copy at exec — the
+        file goes back under its hidden name until the next close, so a crash
+        does not leave it half-written under its name.
         """
         open_file = handle.open_file
-        if open_file.new and open_file.written and open_file.handles == {handle}:
+        if open_file.new and open_file.name is not None and open_file.handles == {handle}:
             self._finish_new_file(open_file)
+            handle.published_early = True
 
     def fsync(self, handle: Handle, datasync: bool) -> None:
         """fsync; for a new file, also report EEXIST if its name was taken meanwhile."""
         handle.fsync(datasync)
         open_file = handle.open_file
+        open_file.dirty = False
         if open_file.new and open_file.name is not None and self.copies(open_file.name):
             raise _fail(errno.EEXIST, f"{open_file.name!r} appeared in the pool meanwhile")
+
+    def _take_back(self, handle: Handle) -> None:
+        """A file published at an early close() is written again: hide it again."""
+        handle.published_early = False
+        open_file = handle.open_file
+        if open_file.new or open_file.path is None or open_file.name is None:
+            return
+        try:
+            on_disk = os.stat(open_file.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        mine = os.fstat(handle.fd)
+        if (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino):
+            return  # someone else's file has that name now
+        hidden = self._datadir_by_path[open_file.datadir].private.new_incoming_path()
+        os.rename(open_file.path, hidden)
+        open_file.path, open_file.new = hidden, True
+        log.debug(
+            "%r is written again after an early close: hidden until the next one", open_file.name
+        )
 
     def release(self, handle: Handle) -> None:
         """Close a handle; the last one publishes or discards a new file."""
@@ -404,15 +463,16 @@ class Pool:
 
         Removed: it was unlinked while open, or a write (or the final fsync)
         failed, so it is incomplete. Kept aside in the private area: its name
-        was taken meanwhile (EEXIST), or publishing failed, so the bytes are
-        whole but have no name; nothing that was written completely is lost.
+        was taken meanwhile, or publishing failed, so the bytes are whole but
+        have no name; nothing that was written completely is lost.
         """
         hidden, name = open_file.path, open_file.name
         assert hidden is not None
         datadir = self._datadir_by_path[open_file.datadir]
-        if name is not None and open_file.error is None and self.sync:
+        if name is not None and open_file.error is None and self.sync and open_file.dirty:
             try:
                 os.fsync(open_file.any_fd())
+                open_file.dirty = False
             except OSError as exc:
                 self._note_write_error(open_file, exc)
         open_file.new = False
@@ -429,10 +489,10 @@ class Pool:
         final_path = os.path.join(datadir.path, name)
         try:
             if self.copies(name):
-                raise FileExistsError(errno.EEXIST, "taken meanwhile")
+                raise FileExistsError(errno.EEXIST, "its name was taken meanwhile")
             os.link(hidden, final_path)  # unlike rename, never replaces
         except OSError as exc:
-            self._keep_aside(open_file, datadir, hidden, name, exc)
+            self._keep_aside(open_file, datadir, name, str(exc))
             if isinstance(exc, FileExistsError):
                 raise _fail(errno.EEXIST, f"{name!r} appeared in the pool meanwhile") from None
             raise
@@ -442,15 +502,15 @@ class Pool:
             sync_directory(datadir.path)
         log.debug("published %r in %s", name, datadir.path)
 
-    def _keep_aside(
-        self, open_file: OpenFile, datadir: Datadir, hidden: str, name: str, reason: OSError
-    ) -> None:
+    def _keep_aside(self, open_file: OpenFile, datadir: Datadir, name: str, reason: str) -> None:
+        hidden = open_file.path
+        assert hidden is not None
         try:
             kept = datadir.private.keep_aside(hidden, name)
         except OSError as exc:
             kept = hidden  # still safe from the leftover sweep while we run
             log.error("cannot move %s into the kept area: %s", hidden, exc.strerror)
-        open_file.path = kept
+        open_file.path, open_file.new = kept, False
         self._forget(name, open_file)
         open_file.name = None
         log.error("%r could not be published (%s): its data is kept in %s", name, reason, kept)

@@ -128,24 +128,49 @@ class PrivateArea:
         """A fresh hidden name for a file being written."""
         return os.path.join(self.incoming, uuid.uuid4().hex)
 
+    def incoming_dirs(self) -> list[tuple[str, bool]]:
+        """Every daemon's incoming directory here, and whether that daemon still runs."""
+        try:
+            entries = sorted(os.listdir(self.incoming_root))
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            directory = os.path.join(self.incoming_root, entry)
+            if entry.endswith(".lock") or not os.path.isdir(directory):
+                continue
+            alive = directory == self.incoming or lock_is_held(f"{directory}.lock")
+            found.append((directory, alive))
+        return found
+
+    def leftovers(self) -> list[str]:
+        """Files being written by daemons that are no longer running."""
+        return [
+            path
+            for directory, alive in self.incoming_dirs()
+            if not alive
+            for path in _files_below(directory)
+        ]
+
+    def in_progress(self) -> list[str]:
+        """Files being written by running daemons."""
+        return [
+            path
+            for directory, alive in self.incoming_dirs()
+            if alive
+            for path in _files_below(directory)
+        ]
+
     def remove_leftovers(self) -> list[tuple[str, int]]:
         """Delete the incoming files of daemons that are no longer running.
 
         Returns each removed file with its size, for the log.
         """
         removed: list[tuple[str, int]] = []
-        try:
-            entries = os.listdir(self.incoming_root)
-        except FileNotFoundError:
-            return removed
-        for entry in entries:
-            directory = os.path.join(self.incoming_root, entry)
-            if entry.endswith(".lock") or not os.path.isdir(directory):
+        for directory, alive in self.incoming_dirs():
+            if alive:
                 continue
-            if directory == self.incoming or self._lock_is_held(f"{directory}.lock"):
-                continue
-            for name in os.listdir(directory):
-                path = os.path.join(directory, name)
+            for path in _files_below(directory):
                 try:
                     size = os.stat(path, follow_symlinks=False).st_size
                     os.unlink(path)
@@ -158,19 +183,11 @@ class PrivateArea:
                 os.unlink(f"{directory}.lock")
         return removed
 
-    @staticmethod
-    def _lock_is_held(lock_path: str) -> bool:
+    def kept_files(self) -> list[str]:
         try:
-            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            return [os.path.join(self.kept, name) for name in sorted(os.listdir(self.kept))]
         except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+            return []
 
     # ------------------------------------------------------------------- kept
 
@@ -181,6 +198,27 @@ class PrivateArea:
         target = os.path.join(self.kept, f"{name}.{stamp}.{uuid.uuid4().hex[:8]}")
         os.rename(path, target)
         return target
+
+
+def _files_below(directory: str) -> list[str]:
+    return sorted(
+        os.path.join(root, name) for root, _, names in os.walk(directory) for name in names
+    )
+
+
+def lock_is_held(lock_path: str) -> bool:
+    """Whether a running daemon holds this incoming directory's lock."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def sync_directory(path: str) -> None:

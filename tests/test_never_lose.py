@@ -103,6 +103,27 @@ def test_shell_redirection_publishes_only_the_finished_file(
     assert datadir.names() == {"redirected"}
 
 
+def test_writer_that_forks_never_leaves_a_partial_file_under_the_name(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    """A child's close-on-exec of the writer's descriptor is a close() too."""
+    datadir = Datadir(tmpfs("d", 16), 0)
+    mounted = mount_pool([datadir])
+    fd = os.open(mounted.path("image"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"first half, ")
+        subprocess.run(["true"], check=True)  # fork + exec: the kernel sends a flush
+        assert (datadir.path / "image").read_bytes() == b"first half, "  # whole as of then
+        os.write(fd, b"second half")
+        assert "image" not in datadir.names()  # being written again: hidden
+        (hidden,) = incoming_files(datadir)
+        assert hidden.read_bytes() == b"first half, second half"
+    finally:
+        os.close(fd)
+    assert (datadir.path / "image").read_bytes() == b"first half, second half"
+    assert incoming_files(datadir) == []
+
+
 def test_kill_9_mid_write_leaves_no_file_under_the_name(
     tmpfs: TmpfsFactory, mount_pool: MountFactory
 ) -> None:
