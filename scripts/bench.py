@@ -50,7 +50,7 @@ class Sizes:
 
 
 FULL = Sizes(1024, 256, 5, 10_000, 100_000, 256, 5)
-QUICK = Sizes(256, 64, 2, 2_000, 20_000, 64, 3)
+QUICK = Sizes(128, 32, 1, 1_000, 10_000, 32, 1)  # with tmpfs only: under two minutes
 
 
 # ------------------------------------------------------------------ targets
@@ -222,10 +222,10 @@ def w_randwrite_4(root: Path, sizes: Sizes) -> float:
     return _fio(root, sizes, "randwrite", 4)
 
 
-def _small_files(root: Path, sizes: Sizes, phase: str) -> float:
+def w_small_files(root: Path, sizes: Sizes) -> dict[str, float]:
+    """Create, stat, list and delete many 4 KiB files: one rate per phase."""
     names = [root / f"small-{i:06d}" for i in range(sizes.small_files)]
     data = b"x" * 4096
-    timings = {}
 
     def create() -> None:
         for path in names:
@@ -233,27 +233,16 @@ def _small_files(root: Path, sizes: Sizes, phase: str) -> float:
             os.write(fd, data)
             os.close(fd)
 
-    timings["create"] = timed(create)
-    timings["stat"] = timed(lambda: [os.stat(p) for p in names])
-    timings["list"] = timed(lambda: os.listdir(root))
-    timings["delete"] = timed(lambda: [os.unlink(p) for p in names])
-    return sizes.small_files / timings[phase]
-
-
-def w_small_create(root: Path, sizes: Sizes) -> float:
-    return _small_files(root, sizes, "create")
-
-
-def w_small_stat(root: Path, sizes: Sizes) -> float:
-    return _small_files(root, sizes, "stat")
-
-
-def w_small_list(root: Path, sizes: Sizes) -> float:
-    return _small_files(root, sizes, "list")
-
-
-def w_small_delete(root: Path, sizes: Sizes) -> float:
-    return _small_files(root, sizes, "delete")
+    phases = {
+        "create": create,
+        "stat": lambda: [os.stat(p) for p in names],
+        "list": lambda: os.listdir(root),
+        "delete": lambda: [os.unlink(p) for p in names],
+    }
+    return {
+        f"4 KiB files: {phase}": sizes.small_files / timed(action)
+        for phase, action in phases.items()
+    }
 
 
 def w_parallel_write(root: Path, sizes: Sizes) -> float:
@@ -291,7 +280,8 @@ def w_cp_out(root: Path, sizes: Sizes) -> float:
     return source.stat().st_size / MiB / seconds
 
 
-WORKLOADS: dict[str, tuple[Callable[[Path, Sizes], float], str]] = {
+# name -> (function, unit); a function returning a dict gives one row per key.
+WORKLOADS: dict[str, tuple[Callable[[Path, Sizes], float | dict[str, float]], str]] = {
     "seq write 1M blocks": (w_seq_write, "MiB/s"),
     "seq read cold": (w_seq_read_cold, "MiB/s"),
     "seq read warm": (w_seq_read_warm, "MiB/s"),
@@ -299,10 +289,7 @@ WORKLOADS: dict[str, tuple[Callable[[Path, Sizes], float], str]] = {
     "4k randread 4 jobs": (w_randread_4, "IOPS"),
     "4k randwrite 1 job": (w_randwrite_1, "IOPS"),
     "4k randwrite 4 jobs": (w_randwrite_4, "IOPS"),
-    "4 KiB files: create": (w_small_create, "files/s"),
-    "4 KiB files: stat": (w_small_stat, "files/s"),
-    "4 KiB files: list": (w_small_list, "files/s"),
-    "4 KiB files: delete": (w_small_delete, "files/s"),
+    "4 KiB files": (w_small_files, "files/s"),
     "4 parallel writers": (w_parallel_write, "MiB/s"),
     "cp into the pool": (w_cp_in, "MiB/s"),
     "cp out of the pool": (w_cp_out, "MiB/s"),
@@ -323,6 +310,60 @@ def listing_of_big_pool(target: str, datadirs: list[Path], scratch: Path, count:
     return count / seconds
 
 
+# -------------------------------------------------------------------- scale
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scale(files: int, scratch: Path) -> dict:
+    """A pool of ``files`` files over 4 datadirs: mount time, listing, lookups, memory."""
+    datadirs = [scratch / f"scale-{i}" for i in range(4)]
+    for path in datadirs:
+        path.mkdir()
+        run("mount", "-t", "tmpfs", "-o", "size=256m,nr_inodes=0", "scale", str(path))
+    mountpoint = scratch / "mnt-scale"
+    mountpoint.mkdir()
+    try:
+        names = [f"image-{index:08d}" for index in range(files)]
+        for index, name in enumerate(names):
+            os.close(os.open(datadirs[index % 4] / name, os.O_CREAT | os.O_WRONLY, 0o644))
+        direct_list = timed(lambda: [os.listdir(d) for d in datadirs])
+        args = [*FUSESTORE, "mount", str(mountpoint)]
+        for priority, datadir in enumerate(datadirs):
+            args += ["--datadirs", f"{datadir}:{priority}"]
+        mount_seconds = timed(lambda: run(*args))
+        pid = int(json.loads(os.getxattr(mountpoint, "user.fusestore.status"))["pid"])
+        rss_mounted = rss_mib(pid)
+        listed: list[str] = []
+        list_seconds = timed(lambda: listed.extend(os.listdir(mountpoint)))
+        rss_listed = rss_mib(pid)
+        assert len(listed) == files, len(listed)
+        subprocess.run(["sh", "-c", "echo 2 > /proc/sys/vm/drop_caches"], check=False)
+        lookup_seconds = timed(lambda: [os.stat(mountpoint / name) for name in names])
+        rss_looked_up = rss_mib(pid)
+        return {
+            "files": files,
+            "datadirs": len(datadirs),
+            "mount_seconds": round(mount_seconds, 2),
+            "list_seconds": round(list_seconds, 2),
+            "direct_list_seconds": round(direct_list, 2),
+            "lookup_seconds": round(lookup_seconds, 2),
+            "lookups_per_second": round(files / lookup_seconds),
+            "rss_mib_mounted": round(rss_mounted),
+            "rss_mib_after_listing": round(rss_listed),
+            "rss_mib_after_lookups": round(rss_looked_up),
+        }
+    finally:
+        unmount(mountpoint)
+        for path in datadirs:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 # ------------------------------------------------------------------- driver
 
 
@@ -338,11 +379,13 @@ def bench_backing(kind: str, sizes: Sizes, scratch: Path, only: list[str] | None
                 continue
             if workload == "seq read cold" and kind == "tmpfs":
                 continue  # tmpfs has no cold cache
-            per_target = results.setdefault(workload, {t: [] for t in TARGETS})
             for _ in range(sizes.repetitions):
                 for target in TARGETS:
                     with mounted(target, datadirs, scratch) as root:
-                        per_target[target].append(function(root, sizes))
+                        measured = function(root, sizes)
+                    rows = measured if isinstance(measured, dict) else {workload: measured}
+                    for row, value in rows.items():
+                        results.setdefault(row, {t: [] for t in TARGETS})[target].append(value)
             print(f"  {kind}: {workload} done", file=sys.stderr, flush=True)
         if not only or any("list" in word for word in only):
             name = f"listing a {sizes.listing_files:,}-file pool"
@@ -359,8 +402,11 @@ def bench_backing(kind: str, sizes: Sizes, scratch: Path, only: list[str] | None
     }
 
 
-def unit_of(workload: str) -> str:
-    return WORKLOADS.get(workload, (None, "names/s"))[1]
+def unit_of(row: str) -> str:
+    for workload, (_, unit) in WORKLOADS.items():
+        if row.startswith(workload):
+            return unit
+    return "names/s"
 
 
 def markdown(report: dict) -> str:
@@ -388,13 +434,31 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer runs")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     parser.add_argument("--repetitions", type=int, help="runs per workload and target")
-    parser.add_argument("--backing", choices=["tmpfs", "ext4", "both"], default="both")
+    parser.add_argument(
+        "--backing",
+        choices=["tmpfs", "ext4", "both"],
+        help="backing filesystem of the datadirs (default: both; tmpfs with --quick)",
+    )
     parser.add_argument("--only", action="append", help="run workloads whose name has WORD")
+    parser.add_argument(
+        "--scale",
+        type=int,
+        nargs="?",
+        const=1_000_000,
+        metavar="FILES",
+        help="instead: mount a pool of FILES (default 1,000,000) files over 4 datadirs and "
+        "report mount time, listing, lookups and the daemon's memory",
+    )
     args = parser.parse_args()
+    if args.scale:
+        with tempfile.TemporaryDirectory(prefix="fusestore-scale-", dir="/var/tmp") as tmp:
+            print(json.dumps(scale(args.scale, Path(tmp)), indent=2))
+        return 0
     sizes = QUICK if args.quick else FULL
     if args.repetitions:
         sizes.repetitions = args.repetitions
-    kinds = ["tmpfs", "ext4"] if args.backing == "both" else [args.backing]
+    backing_kind = args.backing or ("tmpfs" if args.quick else "both")
+    kinds = ["tmpfs", "ext4"] if backing_kind == "both" else [backing_kind]
     with tempfile.TemporaryDirectory(prefix="fusestore-bench-", dir="/var/tmp") as tmp:
         scratch = Path(tmp)
         source = scratch / "source.img"

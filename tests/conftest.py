@@ -216,6 +216,15 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
+def mountpoint(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory to mount on by hand; unmounted at teardown whatever happened."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    force_unmount(path)
+
+
+@pytest.fixture
 def mount_pool(
     tmp_path: Path, tmpfs: TmpfsFactory, ext4: Callable[[str, int], Ext4Disk]
 ) -> Iterator[MountFactory]:

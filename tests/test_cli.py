@@ -11,19 +11,10 @@ import pytest
 from fusestore import __version__
 from tests.conftest import (
     TmpfsFactory,
-    force_unmount,
     fusestore_command,
     is_mounted,
     run_fusestore,
 )
-
-
-@pytest.fixture
-def mountpoint(tmp_path: Path):
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    force_unmount(path)
 
 
 def assert_config_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import (
     Datadir,
+    Ext4Disk,
     MiB,
     MountedPool,
     MountFactory,
@@ -277,11 +278,17 @@ def test_existing_file_grows_into_another_datadir(
 # --------------------------------------------------------------- broken disks
 
 
-def test_unmarked_empty_mountpoint_of_a_known_datadir_gets_no_files(
-    ext4, tmpfs: TmpfsFactory, mount_pool: MountFactory
-) -> None:
+@pytest.fixture
+def disk_first(ext4, tmpfs: TmpfsFactory) -> tuple[Ext4Disk, Datadir, Datadir]:
+    """A loop-mounted ext4 datadir at priority 100 over a tmpfs one at 50."""
     disk = ext4("disk", 64)
-    top, other = Datadir(disk.path, 100), Datadir(tmpfs("other", 32), 50)
+    return disk, Datadir(disk.path, 100), Datadir(tmpfs("other", 32), 50)
+
+
+def test_unmarked_empty_mountpoint_of_a_known_datadir_gets_no_files(
+    disk_first, mount_pool: MountFactory
+) -> None:
+    disk, top, other = disk_first
     first = mount_pool([top, other])
     first.path("on-disk").write_bytes(b"kept safe")
     assert first.holders("on-disk") == [top.path]
@@ -312,10 +319,9 @@ def test_brand_new_empty_datadirs_are_marked_and_used(
 
 
 def test_datadir_remounted_read_only_is_taken_out_and_comes_back(
-    ext4, tmpfs: TmpfsFactory, mount_pool: MountFactory
+    disk_first, mount_pool: MountFactory
 ) -> None:
-    disk = ext4("disk", 64)
-    top, other = Datadir(disk.path, 100), Datadir(tmpfs("other", 32), 50)
+    disk, top, other = disk_first
     mounted = mount_pool([top, other])
     mounted.path("before").write_bytes(b"written while rw")
     disk.remount("ro")
@@ -331,11 +337,8 @@ def test_datadir_remounted_read_only_is_taken_out_and_comes_back(
     assert mounted.holders("after") == [top.path]
 
 
-def test_datadir_unmounted_under_a_live_pool(
-    ext4, tmpfs: TmpfsFactory, mount_pool: MountFactory
-) -> None:
-    disk = ext4("disk", 64)
-    top, other = Datadir(disk.path, 100), Datadir(tmpfs("other", 32), 50)
+def test_datadir_unmounted_under_a_live_pool(disk_first, mount_pool: MountFactory) -> None:
+    disk, top, other = disk_first
     mounted = mount_pool([top, other])
     mounted.path("on-disk").write_bytes(b"on the disk")
     disk.unmount()

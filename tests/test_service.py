@@ -18,7 +18,6 @@ from tests.conftest import (
     Datadir,
     MiB,
     TmpfsFactory,
-    force_unmount,
     fusestore_command,
     is_mounted,
     run_fusestore,
@@ -59,14 +58,6 @@ def wait_for_exit(pid: int, seconds: float = 20) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-@pytest.fixture
-def mountpoint(tmp_path: Path):
-    path = tmp_path / "images"
-    path.mkdir()
-    yield path
-    force_unmount(path)
 
 
 @pytest.fixture
