@@ -7,9 +7,11 @@ returns the daemon's error and exit status if mounting failed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,6 +20,7 @@ import pyfuse3
 import sdnotify
 import trio
 
+from fusestore import status
 from fusestore.fs import Operations
 from fusestore.pool import Pool
 
@@ -46,7 +49,10 @@ def serve(
     """
     pool.start()
     facts = {"mountpoint": mountpoint, "pid": os.getpid(), **(about or {})}
-    operations = Operations(pool, debug=debug, about=facts)
+    operations = Operations(pool, debug=debug)
+    # Before mounting: resolving the mountpoint's path afterwards would ask
+    # this very daemon, which is not serving requests yet.
+    server, server_path = status.listen(mountpoint)
     options = set(MOUNT_OPTIONS) | set(fuse_options)
     if debug:
         options.add("debug")
@@ -54,6 +60,7 @@ def serve(
         pyfuse3.init(operations, mountpoint, options)
     except RuntimeError as exc:
         pool.stop()
+        _close_status(server, server_path)
         raise MountError(f"cannot mount {mountpoint}: {exc}") from exc
     log.info(
         "mounted %s with datadirs %s, min_free_space %d bytes, %s",
@@ -64,7 +71,7 @@ def serve(
     )
     unmount = True
     try:
-        trio.run(_serve_until_done, mountpoint, on_ready, reload)
+        trio.run(_serve_until_done, pool, server, mountpoint, on_ready, reload, facts)
     except BaseException:
         # The session may be in any state: do not risk a second error while
         # unmounting; fusermount3 -u still works.
@@ -72,19 +79,45 @@ def serve(
         raise
     finally:
         pyfuse3.close(unmount=unmount)
+        _close_status(server, server_path)
         pool.stop()
         log.info("unmounted %s", mountpoint)
 
 
+def _close_status(server: socket.socket, path: str) -> None:
+    server.close()
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 async def _serve_until_done(
-    mountpoint: str, on_ready: Callable[[], None], reload: Callable[[], None] | None
+    pool: Pool,
+    server: socket.socket,
+    mountpoint: str,
+    on_ready: Callable[[], None],
+    reload: Callable[[], None] | None,
+    facts: dict[str, Any],
 ) -> None:
     notifier = sdnotify.SystemdNotifier()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_handle_signals, notifier, reload)
+        nursery.start_soon(_answer_status, server, pool, facts)
         nursery.start_soon(_announce_when_usable, mountpoint, notifier, on_ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _answer_status(server: socket.socket, pool: Pool, facts: dict[str, Any]) -> None:
+    """Serve ``fusestore status``: one JSON document per connection."""
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(server))
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.receive_some(64)
+                await stream.send_all(status.encode(pool, facts))
+
+    await trio.serve_listeners(answer, [listener])
 
 
 async def _announce_when_usable(

@@ -6,6 +6,10 @@ results to ``EntryAttributes``. Every ``OSError`` from the pool becomes a
 ``FUSEError`` with the same errno in one place, :func:`_translate_errors`;
 anything unexpected is logged with its traceback and answered with ``EIO``.
 
+Extended attributes are not implemented (pyfuse3 answers ENOSYS): the
+kernel then stops asking, where it would otherwise ask ``getxattr`` for
+``security.capability`` before every write — a round trip per ``write()``.
+
 The pool's calls are plain system calls made from the trio thread. On the
 datadirs fusestore targets (local disks, tmpfs) they take microseconds, far
 less than handing each one to a worker thread would cost; a slow datadir
@@ -17,7 +21,6 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
-import json
 import logging
 import os
 import stat
@@ -29,7 +32,6 @@ import pyfuse3
 from fusestore.inodes import ROOT_INODE, InodeTable
 from fusestore.openfiles import Handle
 from fusestore.pool import Pool
-from fusestore.status import DATADIR_XATTR, STATUS_XATTR, collect
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +110,10 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = False
 
-    def __init__(
-        self, pool: Pool, debug: bool = False, about: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, pool: Pool, debug: bool = False) -> None:
         super().__init__()
         self.pool = pool
         self.debug = debug
-        self.about = about or {}  # extra facts for the status attribute (mountpoint, pid, …)
         self.inodes = InodeTable()
         self._handles: dict[int, Handle] = {}
         self._handle_inodes: dict[int, int] = {}
@@ -380,29 +379,3 @@ class Operations(pyfuse3.Operations):
         data.f_favail = space.free_inodes
         data.f_namemax = space.name_max
         return data
-
-    # ---------------------------------------------------------- extended attributes
-
-    @_translate_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        attribute = _name(name)
-        if inode == ROOT_INODE and attribute == STATUS_XATTR:
-            return json.dumps(collect(self.pool, **self.about), indent=2).encode()
-        if inode != ROOT_INODE and attribute == DATADIR_XATTR:
-            return self.pool.datadir_of(self._name_of(inode)).encode()
-        # Everything else, security.capability included (asked before writes),
-        # is answered at once.
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    @_translate_errors
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        if inode == ROOT_INODE:
-            return [STATUS_XATTR.encode()]
-        self._name_of(inode)
-        return [DATADIR_XATTR.encode()]
-
-    async def setxattr(self, *args: Any) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
-
-    async def removexattr(self, *args: Any) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)

@@ -1,25 +1,31 @@
 """The running pool as ``fusestore status`` shows it.
 
 The daemon answers with its own view — states, priorities and reserve as it
-applies them right now — through an extended attribute of the mount's root
-(``user.fusestore.status``), so the status command needs no socket, works for
-any user who can see the mount, and can never describe a different pool than
-the one mounted there.
+applies them right now — on a Unix socket whose path is derived from the
+mountpoint (``/run/fusestore/<hash of the mountpoint>.sock``), so the status
+command needs nothing but the mountpoint.
+
+Not an extended attribute of the mount: once a FUSE filesystem answers
+``getxattr``, the kernel asks it for ``security.capability`` before every
+``write()`` — a second round trip to the daemon that halved 4 KiB write rates
+in the benchmark. fusestore answers ENOSYS, and the kernel stops asking.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
+import hashlib
 import json
 import os
+import socket
+import tempfile
 from typing import Any
 
 from fusestore.datadirs import State
 from fusestore.pool import Pool
 
-STATUS_XATTR = "user.fusestore.status"
-DATADIR_XATTR = "user.fusestore.datadir"
 SCHEMA_VERSION = 1
+RUNTIME_DIR = "/run/fusestore"
 
 
 class NotAPool(Exception):
@@ -85,15 +91,56 @@ def collect(pool: Pool, **about: Any) -> dict[str, Any]:
     }
 
 
-def read(mountpoint: str) -> dict[str, Any]:
+def socket_paths(mountpoint: str) -> list[str]:
+    """Where the daemon serving ``mountpoint`` may answer, preferred first.
+
+    /run/fusestore when the daemon may write there (root), else a directory
+    under the temporary directory; the name is a hash of the mountpoint, short
+    enough for AF_UNIX.
+    """
+    digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:32]
+    bases = [RUNTIME_DIR, os.path.join(tempfile.gettempdir(), "fusestore")]
+    return [os.path.join(base, f"{digest}.sock") for base in bases]
+
+
+def listen(mountpoint: str) -> tuple[socket.socket, str]:
+    """Bind the daemon's status socket (replacing a stale one of a dead daemon)."""
+    candidates = socket_paths(mountpoint)
+    path = candidates[0] if os.access("/run", os.W_OK) else candidates[1]
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o666)  # status is for every user who can see the mount
+    server.listen(8)
+    return server, path
+
+
+def read(mountpoint: str, timeout: float = 30) -> dict[str, Any]:
     """Ask the daemon serving ``mountpoint`` for its status."""
-    try:
-        raw = os.getxattr(mountpoint, STATUS_XATTR)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise NotAPool(f"{mountpoint} is not a fusestore mount") from exc
-        raise NotAPool(f"{mountpoint}: {exc.strerror}") from exc
-    return json.loads(raw)  # type: ignore[no-any-return]
+    if not os.path.ismount(mountpoint):
+        raise NotAPool(f"{mountpoint} is not a fusestore mount (not a mountpoint)")
+    problem: OSError | None = None
+    for path in socket_paths(mountpoint):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(timeout)
+                client.connect(path)
+                client.sendall(b"status\n")
+                chunks = []
+                while chunk := client.recv(1 << 16):
+                    chunks.append(chunk)
+            return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
+        except OSError as exc:
+            problem = problem or exc
+    raise NotAPool(
+        f"{mountpoint} is not a fusestore mount, or its daemon does not answer: {problem}"
+    )
+
+
+def encode(pool: Pool, about: dict[str, Any]) -> bytes:
+    return json.dumps(collect(pool, **about), indent=2).encode()
 
 
 def human(size: int) -> str:

@@ -36,6 +36,8 @@ MiB = 1 << 20
 RESERVE = "64M"
 REPO = Path(__file__).resolve().parent.parent
 FUSESTORE = [sys.executable, "-m", "fusestore"]
+sys.path.insert(0, str(REPO))
+from fusestore import status  # noqa: E402
 
 
 @dataclass
@@ -337,7 +339,7 @@ def scale(files: int, scratch: Path) -> dict:
         for priority, datadir in enumerate(datadirs):
             args += ["--datadirs", f"{datadir}:{priority}"]
         mount_seconds = timed(lambda: run(*args))
-        pid = int(json.loads(os.getxattr(mountpoint, "user.fusestore.status"))["pid"])
+        pid = int(status.read(str(mountpoint))["pid"])
         rss_mounted = rss_mib(pid)
         listed: list[str] = []
         list_seconds = timed(lambda: listed.extend(os.listdir(mountpoint)))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fusestore import status
 from tests.conftest import (
     Datadir,
     MiB,
@@ -48,7 +49,7 @@ def write_config(path: Path, **settings: object) -> Path:
 
 
 def daemon_pid(mountpoint: Path) -> int:
-    return int(json.loads(os.getxattr(mountpoint, "user.fusestore.status"))["pid"])
+    return int(status.read(str(mountpoint))["pid"])
 
 
 def wait_for_exit(pid: int, seconds: float = 20) -> bool:
@@ -102,7 +103,7 @@ def test_mount_t_with_datadir_list_source_and_pool_options(
         check=True,
         env=mount_env(),
     )
-    report = json.loads(os.getxattr(mountpoint, "user.fusestore.status"))
+    report = status.read(str(mountpoint))
     assert report["min_free_space"] == 16 * MiB and report["sync"] is False
     (mountpoint / "x").write_bytes(b"x")
     # The 16 MiB fast datadir is at the 16 MiB reserve: x goes to big.
@@ -236,7 +237,7 @@ def test_command_line_overrides_the_config_file(
         "mount", "--config", str(config), "--min-free-space", "2M", "-o", "ro", str(mountpoint)
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads(os.getxattr(mountpoint, "user.fusestore.status"))
+    report = status.read(str(mountpoint))
     assert report["min_free_space"] == 2 * MiB
     assert report["config_file"] == str(config)
     line = next(
@@ -256,7 +257,7 @@ def test_metadata_file_is_checked_and_shown(
     metadata.write_text('{"id": "store-1", "mountpoint": "/var/lib/images"}')
     result = run_fusestore("mount", *args, str(mountpoint))
     assert result.returncode == 0, result.stderr
-    report = json.loads(os.getxattr(mountpoint, "user.fusestore.status"))
+    report = status.read(str(mountpoint))
     assert report["metadata"] == {"id": "store-1", "mountpoint": "/var/lib/images"}
 
 
@@ -292,7 +293,7 @@ def test_sighup_reloads_datadirs_priorities_and_reserve(
     write_config(config, datadirs=[f"{new.path}:0"], min_free_space="16M")
     os.kill(pid, signal.SIGHUP)
     wait_for_log(log_file, "reloaded", count=2)
-    report = json.loads(os.getxattr(mountpoint, "user.fusestore.status"))
+    report = status.read(str(mountpoint))
     rows = {row["path"]: row for row in report["datadirs"]}
     assert rows[str(old.path)]["state"] == "no-new-files"
     assert rows[str(new.path)]["priority"] == 0
@@ -354,10 +355,7 @@ def test_status_reports_full_read_only_and_missing(
     assert run_fusestore(source, str(mountpoint), "-o", "min_free_space=9M").returncode == 0
     disk.remount("ro")
     (gone.path / ".fusestore" / "mark").unlink()
-    states = {
-        r["path"]: r["state"]
-        for r in json.loads(os.getxattr(mountpoint, "user.fusestore.status"))["datadirs"]
-    }
+    states = {r["path"]: r["state"] for r in status.read(str(mountpoint))["datadirs"]}
     assert states == {
         str(disk.path): "read-only",
         str(full.path): "full",
