@@ -52,11 +52,17 @@ def dd(target: Path, size_mib: int, source: str = "/dev/urandom") -> subprocess.
 # ------------------------------------------------------- crash-safe publishing
 
 
+@pytest.fixture
+def solo(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> tuple[Datadir, MountedPool]:
+    """A pool of one 16 MiB tmpfs datadir."""
+    datadir = Datadir(tmpfs("solo", 16), 0)
+    return datadir, mount_pool([datadir])
+
+
 def test_new_file_is_hidden_until_closed_but_usable_through_the_mount(
-    tmpfs: TmpfsFactory, mount_pool: MountFactory
+    solo: tuple[Datadir, MountedPool],
 ) -> None:
-    datadir = Datadir(tmpfs("d", 16), 0)
-    mounted = mount_pool([datadir])
+    datadir, mounted = solo
     fd = os.open(mounted.path("image"), os.O_CREAT | os.O_WRONLY, 0o644)
     try:
         os.write(fd, b"half of it")
@@ -74,11 +80,8 @@ def test_new_file_is_hidden_until_closed_but_usable_through_the_mount(
     assert datadir.names() == {"image"}
 
 
-def test_empty_new_file_is_published_when_released(
-    tmpfs: TmpfsFactory, mount_pool: MountFactory
-) -> None:
-    datadir = Datadir(tmpfs("d", 16), 0)
-    mounted = mount_pool([datadir])
+def test_empty_new_file_is_published_when_released(solo: tuple[Datadir, MountedPool]) -> None:
+    datadir, mounted = solo
     subprocess.run(["touch", str(mounted.path("empty"))], check=True)
     assert os.stat(mounted.path("empty")).st_size == 0
     # The kernel sends RELEASE just after close() returns.
@@ -90,11 +93,10 @@ def test_empty_new_file_is_published_when_released(
 
 
 def test_shell_redirection_publishes_only_the_finished_file(
-    tmpfs: TmpfsFactory, mount_pool: MountFactory
+    solo: tuple[Datadir, MountedPool],
 ) -> None:
     """The shell dup2()s the new file onto stdout and closes it before writing."""
-    datadir = Datadir(tmpfs("d", 16), 0)
-    mounted = mount_pool([datadir])
+    datadir, mounted = solo
     script = f"exec > {mounted.path('redirected')}; echo first; ls {datadir.path}; echo last"
     result = subprocess.run(["sh", "-c", script], check=True)
     assert result.returncode == 0
@@ -105,11 +107,10 @@ def test_shell_redirection_publishes_only_the_finished_file(
 
 
 def test_writer_that_forks_never_leaves_a_partial_file_under_the_name(
-    tmpfs: TmpfsFactory, mount_pool: MountFactory
+    solo: tuple[Datadir, MountedPool],
 ) -> None:
     """A child's close-on-exec of the writer's descriptor is a close() too."""
-    datadir = Datadir(tmpfs("d", 16), 0)
-    mounted = mount_pool([datadir])
+    datadir, mounted = solo
     fd = os.open(mounted.path("image"), os.O_CREAT | os.O_WRONLY, 0o644)
     try:
         os.write(fd, b"first half, ")
@@ -384,11 +385,8 @@ def test_two_mounts_of_one_pool_see_each_other_and_never_mix_a_file(
     assert two.path("in-progress").read_bytes() == b"not yet closed, now closed"
 
 
-def test_fsync_of_a_name_taken_meanwhile_reports_eexist(
-    tmpfs: TmpfsFactory, mount_pool: MountFactory
-) -> None:
-    datadir = Datadir(tmpfs("a", 16), 0)
-    mounted = mount_pool([datadir])
+def test_fsync_of_a_name_taken_meanwhile_reports_eexist(solo: tuple[Datadir, MountedPool]) -> None:
+    datadir, mounted = solo
     fd = os.open(mounted.path("late"), os.O_CREAT | os.O_WRONLY, 0o644)
     try:
         os.write(fd, b"mine")
@@ -403,11 +401,8 @@ def test_fsync_of_a_name_taken_meanwhile_reports_eexist(
     assert [p.read_bytes() for p in kept_files(datadir)] == [b"mine"]
 
 
-def test_unlinked_new_file_is_discarded_at_close(
-    tmpfs: TmpfsFactory, mount_pool: MountFactory
-) -> None:
-    datadir = Datadir(tmpfs("a", 16), 0)
-    mounted = mount_pool([datadir])
+def test_unlinked_new_file_is_discarded_at_close(solo: tuple[Datadir, MountedPool]) -> None:
+    datadir, mounted = solo
     fd = os.open(mounted.path("scratch"), os.O_CREAT | os.O_WRONLY, 0o644)
     os.write(fd, b"temporary")
     os.unlink(mounted.path("scratch"))
@@ -416,10 +411,9 @@ def test_unlinked_new_file_is_discarded_at_close(
 
 
 def test_new_file_renamed_while_open_is_published_under_the_new_name(
-    tmpfs: TmpfsFactory, mount_pool: MountFactory
+    solo: tuple[Datadir, MountedPool],
 ) -> None:
-    datadir = Datadir(tmpfs("a", 16), 0)
-    mounted = mount_pool([datadir])
+    datadir, mounted = solo
     fd = os.open(mounted.path("image.part"), os.O_CREAT | os.O_WRONLY, 0o644)
     os.write(fd, b"complete image")
     os.rename(mounted.path("image.part"), mounted.path("image"))
@@ -429,8 +423,8 @@ def test_new_file_renamed_while_open_is_published_under_the_new_name(
     assert (datadir.path / "image").read_bytes() == b"complete image"
 
 
-def test_private_area_name_is_reserved(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> None:
-    mounted = mount_pool([Datadir(tmpfs("a", 16), 0)])
+def test_private_area_name_is_reserved(solo: tuple[Datadir, MountedPool]) -> None:
+    _, mounted = solo
     with pytest.raises(OSError) as caught:
         mounted.path(".fusestore").write_bytes(b"x")
     assert caught.value.errno == errno.EPERM
