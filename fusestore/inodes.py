@@ -23,9 +23,6 @@ class InodeTable:
         self._lookups: dict[int, int] = {}
         self._next_inode = ROOT_INODE + 1
 
-    def __len__(self) -> int:
-        return len(self._name_by_inode)
-
     def inode_for(self, name: str) -> int:
         """The number of ``name``, allocating one if it has none (lookup count 0)."""
         inode = self._inode_by_name.get(name)

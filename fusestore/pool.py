@@ -179,13 +179,6 @@ class Pool:
             return os.fstat(open_file.any_fd())
         return self.locate(name).stat
 
-    def datadir_of(self, name: str) -> str:
-        """The datadir that holds ``name`` now (for a file being written: where it goes)."""
-        open_file = self._open_files.get(name)
-        if open_file is not None:
-            return open_file.datadir
-        return self.locate(name).datadir.path
-
     def list_names(self) -> list[tuple[str, str | None]]:
         """Each visible name once, in lookup order, with the path to stat for it.
 

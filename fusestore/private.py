@@ -143,24 +143,6 @@ class PrivateArea:
             found.append((directory, alive))
         return found
 
-    def leftovers(self) -> list[str]:
-        """Files being written by daemons that are no longer running."""
-        return [
-            path
-            for directory, alive in self.incoming_dirs()
-            if not alive
-            for path in _files_below(directory)
-        ]
-
-    def in_progress(self) -> list[str]:
-        """Files being written by running daemons."""
-        return [
-            path
-            for directory, alive in self.incoming_dirs()
-            if alive
-            for path in _files_below(directory)
-        ]
-
     def remove_leftovers(self) -> list[tuple[str, int]]:
         """Delete the incoming files of daemons that are no longer running.
 
