@@ -394,7 +394,7 @@ class Pool:
             log.error("write to new file %r failed: %s", open_file.name, exc)
 
     def flush(self, handle: Handle) -> None:
-        """On close(): publish a new file if this is its only handle.
+        """On close(): publish a new file if this is its only handle (or drop it if unlinked).
 
         Publishing here rather than at release means the file is in its
         datadir when close() returns, and close() can report what release
@@ -407,9 +407,26 @@ class Pool:
         does not leave it half-written under its name.
         """
         open_file = handle.open_file
-        if open_file.new and open_file.name is not None and open_file.handles == {handle}:
+        if not (open_file.new and open_file.handles == {handle}):
+            return
+        if open_file.name is None:
+            self._drop_hidden_name(open_file)
+        else:
             self._finish_new_file(open_file)
             handle.published_early = True
+
+    @staticmethod
+    def _drop_hidden_name(open_file: OpenFile) -> None:
+        """A new file unlinked while open loses its hidden name at close().
+
+        Release comes after close() has returned, so waiting for it would leave
+        the file in the private area for a moment after the program is done
+        with it. Descriptors that survive this close (dup'ed) keep the bytes
+        until they close too, as on any disk.
+        """
+        assert open_file.path is not None
+        os.unlink(open_file.path)
+        open_file.path, open_file.new = None, False
 
     def fsync(self, handle: Handle, datasync: bool) -> None:
         """fsync; for a new file, also report EEXIST if its name was taken meanwhile."""

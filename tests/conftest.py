@@ -148,7 +148,21 @@ class Ext4Disk:
         subprocess.run(["mount", "-o", opts, str(self.image), str(self.path)], check=True)
 
     def remount(self, mode: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{mode}", str(self.path)], check=True)
+        """Remount, retrying while busy.
+
+        FUSE sends RELEASE after close() has returned, so the daemon may hold
+        a just-closed file open for writing a moment longer, and ext4 refuses
+        a read-only remount until it lets go.
+        """
+        command = ["mount", "-o", f"remount,{mode}", str(self.path)]
+        deadline = time.monotonic() + 10
+        while True:
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode == 0:
+                return
+            if "busy" not in result.stderr or time.monotonic() > deadline:
+                raise AssertionError(f"{' '.join(command)} failed: {result.stderr.strip()}")
+            time.sleep(0.05)
 
     def unmount(self) -> None:
         """Lazily, as a disk yanked from under a running daemon would go."""

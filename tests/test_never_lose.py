@@ -410,6 +410,23 @@ def test_unlinked_new_file_is_discarded_at_close(solo: tuple[Datadir, MountedPoo
     assert datadir.names() == set() and incoming_files(datadir) == []
 
 
+def test_unlinked_new_file_stays_readable_through_a_surviving_descriptor(
+    solo: tuple[Datadir, MountedPool],
+) -> None:
+    datadir, mounted = solo
+    fd = os.open(mounted.path("scratch"), os.O_CREAT | os.O_RDWR, 0o644)
+    os.write(fd, b"still mine")
+    os.unlink(mounted.path("scratch"))
+    survivor = os.dup(fd)
+    os.close(fd)  # flush: the hidden name goes, the bytes stay with the survivor
+    try:
+        assert incoming_files(datadir) == []
+        assert os.pread(survivor, 100, 0) == b"still mine"
+    finally:
+        os.close(survivor)
+    assert datadir.names() == set()
+
+
 def test_new_file_renamed_while_open_is_published_under_the_new_name(
     solo: tuple[Datadir, MountedPool],
 ) -> None:
