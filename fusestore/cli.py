@@ -23,7 +23,7 @@ from typing import Any
 
 from fusestore import __version__
 from fusestore.config import ConfigError, parse_size
-from fusestore.settings import resolve, split_mount_options
+from fusestore.settings import DEFAULT_BUSY_POLL_US, resolve, split_mount_options
 
 log = logging.getLogger("fusestore")
 
@@ -97,6 +97,14 @@ def _add_mount_parser(commands: Any) -> None:
         "close: faster, but a power cut can lose files whose close() had returned",
     )
     source.add_argument(
+        "--busy-poll",
+        metavar="MICROSECONDS",
+        type=_whole_number,
+        help="after each reply, check for the next request this long before sleeping: "
+        "much faster small I/O for at most that much CPU per request (default "
+        f"{DEFAULT_BUSY_POLL_US}; 0 turns it off)",
+    )
+    source.add_argument(
         "--metadata-file",
         metavar="FILE",
         help="Glance's filesystem_store_metadata_file (JSON with 'id' and 'mountpoint'); "
@@ -117,6 +125,12 @@ def _add_mount_parser(commands: Any) -> None:
     )
     mount.add_argument("--log-file", metavar="PATH", help="also append the log to PATH")
     mount.add_argument("--debug", action="store_const", const=True, help="log every request")
+
+
+def _whole_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}")
+    return int(text)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -189,7 +203,7 @@ def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any
             config_file = config_file or args.source
         else:
             overrides["datadirs"] = [spec for spec in args.source.split(",") if spec]
-    for key in ("datadir", "metadata_file", "log_file", "no_sync", "debug"):
+    for key in ("datadir", "metadata_file", "log_file", "no_sync", "busy_poll", "debug"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.datadirs:
@@ -241,6 +255,7 @@ def _mount(args: argparse.Namespace) -> int:
             mountpoint,
             settings.options,
             settings.debug,
+            settings.busy_poll,
             on_ready,
             reload if config_file else None,
             about,

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,6 +24,7 @@ import trio
 from fusestore import status
 from fusestore.fs import Operations
 from fusestore.pool import Pool
+from fusestore.requestloop import serve_requests
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def serve(
     mountpoint: str,
     fuse_options: Iterable[str] = (),
     debug: bool = False,
+    busy_poll_us: int = 0,
     on_ready: Callable[[], None] = lambda: None,
     reload: Callable[[], None] | None = None,
     about: dict[str, Any] | None = None,
@@ -63,15 +66,16 @@ def serve(
         _close_status(server, server_path)
         raise MountError(f"cannot mount {mountpoint}: {exc}") from exc
     log.info(
-        "mounted %s with datadirs %s, min_free_space %d bytes, %s",
+        "mounted %s with datadirs %s, min_free_space %d bytes, %s, busy_poll %d µs",
         mountpoint,
         ", ".join(f"{d.path} (priority {d.priority}, {d.state.value})" for d in pool.datadirs),
         pool.min_free_space,
         "fsync before publishing" if pool.sync else "no fsync (--no-sync)",
+        busy_poll_us,
     )
     unmount = True
     try:
-        trio.run(_serve_until_done, pool, server, mountpoint, on_ready, reload, facts)
+        trio.run(_serve_until_done, pool, server, mountpoint, busy_poll_us, on_ready, reload, facts)
     except BaseException:
         # The session may be in any state: do not risk a second error while
         # unmounting; fusermount3 -u still works.
@@ -94,20 +98,29 @@ async def _serve_until_done(
     pool: Pool,
     server: socket.socket,
     mountpoint: str,
+    busy_poll_us: int,
     on_ready: Callable[[], None],
     reload: Callable[[], None] | None,
     facts: dict[str, Any],
 ) -> None:
     notifier = sdnotify.SystemdNotifier()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, notifier, reload)
-        nursery.start_soon(_answer_status, server, pool, facts)
+        # Started, not just scheduled: the request loop below keeps trio's
+        # scheduler waiting for up to 50 ms at a time (see requestloop.py),
+        # and a signal must find its receiver in place from the first request.
+        await nursery.start(_handle_signals, notifier, reload)
+        await nursery.start(_answer_status, server, pool, facts)
         nursery.start_soon(_announce_when_usable, mountpoint, notifier, on_ready)
-        await pyfuse3.main()
+        await serve_requests(busy_poll_us)
         nursery.cancel_scope.cancel()
 
 
-async def _answer_status(server: socket.socket, pool: Pool, facts: dict[str, Any]) -> None:
+async def _answer_status(
+    server: socket.socket,
+    pool: Pool,
+    facts: dict[str, Any],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve ``fusestore status``: one JSON document per connection."""
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(server))
 
@@ -117,23 +130,33 @@ async def _answer_status(server: socket.socket, pool: Pool, facts: dict[str, Any
                 await stream.receive_some(64)
                 await stream.send_all(status.encode(pool, facts))
 
-    await trio.serve_listeners(answer, [listener])
+    await trio.serve_listeners(answer, [listener], task_status=task_status)
 
 
 async def _announce_when_usable(
     mountpoint: str, notifier: sdnotify.SystemdNotifier, on_ready: Callable[[], None]
 ) -> None:
     # Our own main loop must answer this stat: only then is the mount usable.
-    await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    # Another process asks, not a thread of ours: a thread waiting on our own
+    # mount when the daemon is killed (-9) keeps the process, and so
+    # /dev/fuse, alive for ever, and the mount hangs instead of failing.
+    asked = await trio.run_process(
+        ["stat", "--format=%i", "--", mountpoint], stdout=subprocess.DEVNULL, check=False
+    )
+    if asked.returncode != 0:
+        log.error("%s does not answer a stat (exit %d)", mountpoint, asked.returncode)
     on_ready()
     notifier.notify(f"READY=1\nSTATUS=serving {mountpoint}")
     log.info("ready: %s answers", mountpoint)
 
 
 async def _handle_signals(
-    notifier: sdnotify.SystemdNotifier, reload: Callable[[], None] | None
+    notifier: sdnotify.SystemdNotifier,
+    reload: Callable[[], None] | None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 notifier.notify("RELOADING=1")

@@ -12,6 +12,7 @@ Errors name the file, the line and the setting, so an operator can fix an
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -28,11 +29,13 @@ from fusestore.config import (
 
 # name -> what the value must be, in a file or a -o option
 _STRING, _STRINGS, _SIZE, _BOOL = "a string", "a list of strings", "a size", "true or false"
+_COUNT = "a whole number"
 SETTINGS: Mapping[str, str] = {
     "datadir": _STRING,
     "datadirs": _STRINGS,
     "min_free_space": _SIZE,
     "no_sync": _BOOL,
+    "busy_poll": _COUNT,
     "metadata_file": _STRING,
     "log_file": _STRING,
     "debug": _BOOL,
@@ -43,6 +46,10 @@ SETTINGS: Mapping[str, str] = {
 # mean nothing to FUSE; passed through they would make libfuse refuse to mount.
 _MOUNT8_ONLY = {"_netdev", "nofail", "noauto", "auto", "user", "users", "nouser", "defaults"}
 _MOUNT8_ONLY_PREFIXES = ("x-", "comment=")
+
+# Microseconds the daemon checks for the next request before sleeping (see
+# requestloop.py); spinning on a one-CPU machine would only slow the caller.
+DEFAULT_BUSY_POLL_US = 50 if (os.cpu_count() or 1) > 1 else 0
 
 _TRUE = {"", "1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -57,6 +64,7 @@ class Settings:
     datadirs: list[str] = field(default_factory=list)
     min_free_space: int = 0
     no_sync: bool = False
+    busy_poll: int = DEFAULT_BUSY_POLL_US
     metadata_file: str | None = None
     log_file: str | None = None
     debug: bool = False
@@ -98,6 +106,10 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         return value
     if kind == _SIZE and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
+    if kind == _COUNT and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if kind == _COUNT and isinstance(value, str) and value.isdigit():
+        return int(value)
     if kind == _SIZE and isinstance(value, str):
         return parse_size(value)
     raise ConfigError(f"{where}setting {key!r} must be {kind}, not {value!r}")
