@@ -42,6 +42,11 @@ ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
 NEGATIVE_TIMEOUT = 1.0
 
+# The st_blksize the pool reports: programs that size their buffers by it
+# (cp, rsync, qemu-img) then write 1 MiB per request, the most the kernel sends
+# in one, instead of 128 KiB: each request has a fixed cost in the daemon.
+PREFERRED_IO_SIZE = 1024 * 1024
+
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
 
 
@@ -85,7 +90,7 @@ def _attributes(inode: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
     attr.st_gid = st.st_gid
     attr.st_rdev = 0
     attr.st_size = st.st_size
-    attr.st_blksize = st.st_blksize
+    attr.st_blksize = max(st.st_blksize, PREFERRED_IO_SIZE)
     attr.st_blocks = st.st_blocks
     attr.st_atime_ns = st.st_atime_ns
     attr.st_mtime_ns = st.st_mtime_ns

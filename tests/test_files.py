@@ -98,6 +98,17 @@ def test_dd_writes_and_reads_back_identical(two: MountedPool, tmp_path: Path) ->
     assert backing(two, "dd.img").read_bytes() == source.read_bytes()
 
 
+def test_files_advertise_1_mib_io_so_buffered_writers_send_few_requests(
+    two: MountedPool,
+) -> None:
+    with open(two.path("buffered"), "wb") as f:
+        assert os.fstat(f.fileno()).st_blksize == MiB  # Python, stdio, cp size buffers by it
+        for _ in range(64):
+            f.write(b"g" * (64 * 1024))  # Glance's chunk size
+    assert os.stat(two.path("buffered")).st_blksize == MiB
+    assert backing(two, "buffered").read_bytes() == b"g" * (4 * MiB)
+
+
 def test_truncate_grows_and_shrinks(two: MountedPool) -> None:
     two.path("t").write_bytes(b"0123456789")
     os.truncate(two.path("t"), 4)
