@@ -152,7 +152,7 @@ class Pool:
     def _iter_copies(self, name: str) -> Iterator[Copy]:
         # A generator so that locate() stops at the first hit.
         for datadir in self.datadirs:
-            path = os.path.join(datadir.path, name)
+            path = datadir.path_of(name)
             try:
                 st = os.stat(path, follow_symlinks=False)
             except (FileNotFoundError, NotADirectoryError):
@@ -356,7 +356,7 @@ class Pool:
             os.fchmod(new_fd, stat.S_IMODE(st.st_mode))
             _copy_bytes(source_fd, new_fd, st.st_size)
             if not open_file.new and source_path is not None and open_file.name is not None:
-                final_path = os.path.join(target.path, open_file.name)
+                final_path = target.path_of(open_file.name)
                 os.link(new_path, final_path)
             for handle in open_file.handles:
                 reopened = os.open(new_path, handle.flags)
@@ -496,7 +496,7 @@ class Pool:
             self._forget(name, open_file)
             log.warning("removed incomplete new file %r after a failed write", name)
             raise _fail(open_file.error or errno.EIO, f"{name!r} was not stored")
-        final_path = os.path.join(datadir.path, name)
+        final_path = datadir.path_of(name)
         try:
             if self.copies(name):
                 raise FileExistsError(errno.EEXIST, "its name was taken meanwhile")
@@ -613,7 +613,7 @@ class Pool:
         renamed_in: set[str] = set()
         for position, source in enumerate(sources):
             try:
-                os.rename(source.path, os.path.join(source.datadir.path, new))
+                os.rename(source.path, source.datadir.path_of(new))
             except OSError as exc:
                 if position == 0:
                     raise  # nothing has changed yet

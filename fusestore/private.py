@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ class PrivateArea:
         self.incoming = os.path.join(self.incoming_root, instance)
         self.kept = os.path.join(self.root, KEPT_DIR)
         self._lock_path = os.path.join(self.incoming_root, f"{instance}.lock")
+        self._serial = itertools.count(1)
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ marks
@@ -125,8 +127,12 @@ class PrivateArea:
             self._lock_fd = None
 
     def new_incoming_path(self) -> str:
-        """A fresh hidden name for a file being written."""
-        return os.path.join(self.incoming, uuid.uuid4().hex)
+        """A fresh hidden name for a file being written.
+
+        A serial number is enough: the directory belongs to this daemon alone
+        (its instance id is random), and counting is cheaper than a UUID.
+        """
+        return f"{self.incoming}/{next(self._serial)}"
 
     def incoming_dirs(self) -> list[tuple[str, bool]]:
         """Every daemon's incoming directory here, and whether that daemon still runs."""
