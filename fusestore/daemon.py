@@ -128,7 +128,10 @@ async def _answer_status(
         async with stream:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.receive_some(64)
-                await stream.send_all(status.encode(pool, facts))
+                # In a thread: counting the files of a large pool reads every
+                # datadir, and requests must not wait for it. It only reads.
+                report = await trio.to_thread.run_sync(status.encode, pool, facts)
+                await stream.send_all(report)
 
     await trio.serve_listeners(answer, [listener], task_status=task_status)
 

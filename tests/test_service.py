@@ -339,6 +339,10 @@ def test_status_json_matches_the_datadirs(
         assert row["size_bytes"] == vfs.f_blocks * vfs.f_frsize
         assert abs(row["free_bytes"] - vfs.f_bavail * vfs.f_frsize) <= 64 * 1024
     assert report["totals"]["files"] == 3 and report["totals"]["names"] == 3
+    # Two filesystems of 16 and 64 MiB: the totals are what df of the mount shows.
+    mounted_vfs = os.statvfs(mountpoint)
+    assert report["totals"]["size_bytes"] == mounted_vfs.f_blocks * mounted_vfs.f_frsize
+    assert abs(report["totals"]["size_bytes"] - 80 * 1024 * 1024) <= 8192
     assert report["pid"] == daemon_pid(mountpoint)
 
     table = run_fusestore("status", str(mountpoint)).stdout
