@@ -372,6 +372,18 @@ def scale(files: int, scratch: Path) -> dict:
 TARGETS = ["direct", "fusestore", "fusestore-sync", "mergerfs", "mergerfs-cache"]
 
 
+def rotated(targets: list[str], repetition: int) -> list[str]:
+    """The targets in the order of this repetition: A B C, then B C A, then C A B.
+
+    Interleaving alone leaves each target at the same place in every round,
+    and a target's run is affected by the one before it (on tmpfs the run
+    after a 1 GiB file was freed was reproducibly slower); rotating puts every
+    target at every place.
+    """
+    shift = repetition % len(targets)
+    return [*targets[shift:], *targets[:shift]]
+
+
 def bench_backing(kind: str, sizes: Sizes, scratch: Path, only: list[str] | None) -> dict:
     results: dict[str, dict[str, list[float]]] = {}
     backing_mib = max(3 * sizes.seq_mib, 5 * sizes.parallel_mib, 512) + 256
@@ -381,8 +393,8 @@ def bench_backing(kind: str, sizes: Sizes, scratch: Path, only: list[str] | None
                 continue
             if workload == "seq read cold" and kind == "tmpfs":
                 continue  # tmpfs has no cold cache
-            for _ in range(sizes.repetitions):
-                for target in TARGETS:
+            for repetition in range(sizes.repetitions):
+                for target in rotated(TARGETS, repetition):
                     with mounted(target, datadirs, scratch) as root:
                         measured = function(root, sizes)
                     rows = measured if isinstance(measured, dict) else {workload: measured}
@@ -392,8 +404,8 @@ def bench_backing(kind: str, sizes: Sizes, scratch: Path, only: list[str] | None
         if not only or any("list" in word for word in only):
             name = f"listing a {sizes.listing_files:,}-file pool"
             results[name] = {t: [] for t in TARGETS}
-            for _ in range(max(1, sizes.repetitions // 2)):
-                for target in TARGETS:
+            for repetition in range(max(1, sizes.repetitions // 2)):
+                for target in rotated(TARGETS, repetition):
                     results[name][target].append(
                         listing_of_big_pool(target, datadirs, scratch, sizes.listing_files)
                     )
@@ -465,6 +477,7 @@ def main() -> int:
         scratch = Path(tmp)
         source = scratch / "source.img"
         write_file(source, sizes.seq_mib * MiB)
+        os.sync()  # its writeback would otherwise slow down the first runs
         os.environ["BENCH_SOURCE"] = str(source)
         results = {kind: bench_backing(kind, sizes, scratch, args.only) for kind in kinds}
     report = {
