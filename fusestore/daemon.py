@@ -144,7 +144,9 @@ async def _announce_when_usable(
     # mount when the daemon is killed (-9) keeps the process, and so
     # /dev/fuse, alive for ever, and the mount hangs instead of failing.
     asked = await trio.run_process(
-        ["stat", "--format=%i", "--", mountpoint], stdout=subprocess.DEVNULL, check=False
+        [sys.executable, "-I", "-S", "-c", "import os, sys; os.stat(sys.argv[1])", mountpoint],
+        stdout=subprocess.DEVNULL,
+        check=False,
     )
     if asked.returncode != 0:
         log.error("%s does not answer a stat (exit %d)", mountpoint, asked.returncode)
