@@ -407,22 +407,19 @@ class Pool:
         does not leave it half-written under its name.
         """
         open_file = handle.open_file
-        if not (open_file.new and open_file.handles == {handle}):
-            return
-        if open_file.name is None:
-            self._drop_hidden_name(open_file)
-        else:
+        if open_file.new and open_file.handles == {handle}:
+            unlinked = open_file.name is None
             self._finish_new_file(open_file)
-            handle.published_early = True
+            handle.published_early = not unlinked
 
     @staticmethod
     def _drop_hidden_name(open_file: OpenFile) -> None:
-        """A new file unlinked while open loses its hidden name at close().
+        """A new file unlinked while open loses its hidden name at its last close().
 
-        Release comes after close() has returned, so waiting for it would leave
-        the file in the private area for a moment after the program is done
-        with it. Descriptors that survive this close (dup'ed) keep the bytes
-        until they close too, as on any disk.
+        That is flush, not release: release comes after close() has returned,
+        and the file would stay in the private area a moment after the program
+        is done with it. Descriptors that survive this close (dup'ed) keep the
+        bytes until they close too, as on any disk.
         """
         assert open_file.path is not None
         os.unlink(open_file.path)
@@ -478,21 +475,22 @@ class Pool:
         """
         hidden, name = open_file.path, open_file.name
         assert hidden is not None
+        if name is None:
+            self._drop_hidden_name(open_file)
+            return
         datadir = self._datadir_by_path[open_file.datadir]
-        if name is not None and open_file.error is None and self.sync and open_file.dirty:
+        if open_file.error is None and self.sync and open_file.dirty:
             try:
                 os.fsync(open_file.any_fd())
                 open_file.dirty = False
             except OSError as exc:
                 self._note_write_error(open_file, exc)
         open_file.new = False
-        if name is None or open_file.error is not None:
+        if open_file.error is not None:
             open_file.path = None
             # Free the space now: handles may outlive this close by a moment.
             os.truncate(hidden, 0)
             os.unlink(hidden)
-            if name is None:
-                return
             self._forget(name, open_file)
             log.warning("removed incomplete new file %r after a failed write", name)
             raise _fail(open_file.error or errno.EIO, f"{name!r} was not stored")

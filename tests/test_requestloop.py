@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from tests.conftest import Datadir, MountFactory, TmpfsFactory, is_mounted, run_fusestore
 
 
-@contextmanager
+@contextlib.contextmanager
 def requests_streaming(path: Path) -> Iterator[list[int]]:
     """Keep the daemon busy with back-to-back requests meanwhile.
 
