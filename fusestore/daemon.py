@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,7 +25,7 @@ import trio
 from fusestore import status
 from fusestore.fs import Operations
 from fusestore.pool import Pool
-from fusestore.requestloop import serve_requests
+from fusestore.requestloop import RequestLoop, fuse_device_fd
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,26 @@ def serve(
     """
     pool.start()
     facts = {"mountpoint": mountpoint, "pid": os.getpid(), **(about or {})}
-    operations = Operations(pool, debug=debug)
     # Before mounting: resolving the mountpoint's path afterwards would ask
     # this very daemon, which is not serving requests yet.
     server, server_path = status.listen(mountpoint)
     options = set(MOUNT_OPTIONS) | set(fuse_options)
-    if debug:
-        options.add("debug")
     try:
-        pyfuse3.init(operations, mountpoint, options)
+        # pyfuse3 (libfuse) only mounts: fusestore answers the requests itself
+        # (requestloop.py), so pyfuse3 never calls these operations.
+        pyfuse3.init(pyfuse3.Operations(), mountpoint, options)
     except RuntimeError as exc:
         pool.stop()
         _close_status(server, server_path)
         raise MountError(f"cannot mount {mountpoint}: {exc}") from exc
+    device = fuse_device_fd()
+    if device is None:
+        pyfuse3.close(unmount=True)
+        pool.stop()
+        _close_status(server, server_path)
+        raise MountError(f"cannot mount {mountpoint}: no single /dev/fuse descriptor found")
+    lock = threading.Lock()
+    loop = RequestLoop(Operations(pool), device, lock, busy_poll_us, debug)
     log.info(
         "mounted %s with datadirs %s, min_free_space %d bytes, %s, busy_poll %d µs",
         mountpoint,
@@ -75,7 +83,7 @@ def serve(
     )
     unmount = True
     try:
-        trio.run(_serve_until_done, pool, server, mountpoint, busy_poll_us, on_ready, reload, facts)
+        trio.run(_serve_until_done, pool, server, mountpoint, loop, on_ready, reload, facts)
     except BaseException:
         # The session may be in any state: do not risk a second error while
         # unmounting; fusermount3 -u still works.
@@ -83,6 +91,7 @@ def serve(
         raise
     finally:
         pyfuse3.close(unmount=unmount)
+        loop.close()
         _close_status(server, server_path)
         pool.stop()
         log.info("unmounted %s", mountpoint)
@@ -98,20 +107,21 @@ async def _serve_until_done(
     pool: Pool,
     server: socket.socket,
     mountpoint: str,
-    busy_poll_us: int,
+    loop: RequestLoop,
     on_ready: Callable[[], None],
     reload: Callable[[], None] | None,
     facts: dict[str, Any],
 ) -> None:
     notifier = sdnotify.SystemdNotifier()
     async with trio.open_nursery() as nursery:
-        # Started, not just scheduled: the request loop below keeps trio's
-        # scheduler waiting for up to 50 ms at a time (see requestloop.py),
-        # and a signal must find its receiver in place from the first request.
-        await nursery.start(_handle_signals, notifier, reload)
+        # Started, not just scheduled: a signal must find its receiver in
+        # place from the first request.
+        await nursery.start(_handle_signals, notifier, loop, reload)
         await nursery.start(_answer_status, server, pool, facts)
         nursery.start_soon(_announce_when_usable, mountpoint, notifier, on_ready)
-        await serve_requests(busy_poll_us)
+        # Requests are answered in a thread of their own: they never wait for
+        # trio, and trio (signals, status) never waits for them.
+        await trio.to_thread.run_sync(loop.run)
         nursery.cancel_scope.cancel()
 
 
@@ -157,6 +167,7 @@ async def _announce_when_usable(
 
 async def _handle_signals(
     notifier: sdnotify.SystemdNotifier,
+    loop: RequestLoop,
     reload: Callable[[], None] | None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -169,12 +180,13 @@ async def _handle_signals(
                     log.warning("received SIGHUP: no config file to reload")
                 else:
                     log.info("received SIGHUP: reloading the config")
-                    reload()
+                    with loop.lock:  # between two requests
+                        reload()
                 notifier.notify("READY=1")
                 continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
             notifier.notify("STOPPING=1")
-            pyfuse3.terminate()
+            loop.stop()
 
 
 def fork_and_wait_until_ready() -> Callable[[], None]:

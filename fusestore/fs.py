@@ -2,15 +2,22 @@
 
 Each handler translates one request: inode numbers to names (through
 :class:`~fusestore.inodes.InodeTable`), file handles to pool handles, stat
-results to ``EntryAttributes``. Every ``OSError`` from the pool becomes a
-``FUSEError`` with the same errno in one place, :func:`_translate_errors`;
-anything unexpected is logged with its traceback and answered with ``EIO``.
+results to the kernel's attribute layout. A handler returns the reply's
+payload, or raises ``OSError``, which the request loop answers with its errno
+(``requestloop.py``; it also logs, and turns anything unexpected into EIO).
 
-Extended attributes are not implemented (pyfuse3 answers ENOSYS): the
-kernel then stops asking, where it would otherwise ask ``getxattr`` for
-``security.capability`` before every write — a round trip per ``write()``.
+How an open file's bytes travel (``open``): with FUSE passthrough (Linux 6.9+,
+root), a read-only open of a file nobody is writing is handed to the kernel,
+which then reads the backing file itself, as fast as the disk; every other
+open is ``direct_io``: its reads and writes come to the pool, which moves a
+file whose datadir fills up (DESIGN.md), and no page cache of the mount can go
+stale. Without passthrough, opens use the kernel's page cache as before.
 
-The pool's calls are plain system calls made from the trio thread. On the
+Extended attributes are not implemented (ENOSYS): the kernel then stops
+asking, where it would otherwise ask ``getxattr`` for ``security.capability``
+before every write — a round trip per ``write()``.
+
+The pool's calls are plain system calls made from the request thread. On the
 datadirs fusestore targets (local disks, tmpfs) they take microseconds, far
 less than handing each one to a worker thread would cost; a slow datadir
 stalls other requests meanwhile (see the README's design notes).
@@ -18,19 +25,19 @@ stalls other requests meanwhile (see the README's design notes).
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import functools
+import fcntl
 import itertools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+import time
+from dataclasses import dataclass
 
-import pyfuse3
-
+from fusestore import protocol as p
 from fusestore.inodes import ROOT_INODE, InodeTable
-from fusestore.openfiles import Handle
+from fusestore.openfiles import Handle, OpenFile
 from fusestore.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -38,102 +45,115 @@ log = logging.getLogger(__name__)
 # How long the kernel may trust what we told it. Short, because the datadirs
 # are the only state and other programs may change them: a file added or
 # removed directly in a datadir shows through the mount within this time.
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 1.0
-NEGATIVE_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 1
+ATTR_TIMEOUT = 1
+NEGATIVE_TIMEOUT = 1
 
 # The st_blksize the pool reports: programs that size their buffers by it
 # (cp, rsync, qemu-img) then write 1 MiB per request, the most the kernel sends
 # in one, instead of 128 KiB: each request has a fixed cost in the daemon.
 PREFERRED_IO_SIZE = 1024 * 1024
 
-_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+# Directory entries the kernel may know without ever looking them up get a
+# number from this range: only names the kernel looks up hold a table entry.
+_LISTED_ONLY_INODES = 1 << 48
 
 
-def _translate_errors(handler: _Handler) -> _Handler:
-    """Turn pool errors into errnos for the kernel, logging each request in debug mode."""
-    operation = handler.__name__
-
-    @functools.wraps(handler)
-    async def wrapper(self: Operations, *args: Any) -> Any:
-        if self.debug:
-            log.debug("%s%r", operation, args)
-        try:
-            return await handler(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as exc:
-            if self.debug or exc.errno not in (errno.ENOENT, errno.EEXIST):
-                log.log(
-                    logging.DEBUG if self.debug else logging.INFO,
-                    "%s: %s",
-                    operation,
-                    exc,
-                )
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s%r failed unexpectedly", operation, args)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return cast(_Handler, wrapper)
+def _attr(inode: int, st: os.stat_result, nlink: int | None = None) -> bytes:
+    return p.ATTR.pack(
+        inode,
+        st.st_size,
+        st.st_blocks,
+        int(st.st_atime),
+        int(st.st_mtime),
+        int(st.st_ctime),
+        st.st_atime_ns % 1_000_000_000,
+        st.st_mtime_ns % 1_000_000_000,
+        st.st_ctime_ns % 1_000_000_000,
+        st.st_mode,
+        st.st_nlink if nlink is None else nlink,
+        st.st_uid,
+        st.st_gid,
+        0,
+        max(st.st_blksize, PREFERRED_IO_SIZE),
+        0,
+    )
 
 
-def _attributes(inode: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
-    attr = pyfuse3.EntryAttributes()
-    attr.st_ino = inode  # type: ignore[assignment]
-    attr.generation = 0
-    attr.entry_timeout = ENTRY_TIMEOUT
-    attr.attr_timeout = ATTR_TIMEOUT
-    attr.st_mode = st.st_mode  # type: ignore[assignment]
-    attr.st_nlink = st.st_nlink
-    attr.st_uid = st.st_uid
-    attr.st_gid = st.st_gid
-    attr.st_rdev = 0
-    attr.st_size = st.st_size
-    attr.st_blksize = max(st.st_blksize, PREFERRED_IO_SIZE)
-    attr.st_blocks = st.st_blocks
-    attr.st_atime_ns = st.st_atime_ns
-    attr.st_mtime_ns = st.st_mtime_ns
-    attr.st_ctime_ns = st.st_ctime_ns
-    return attr
+def _entry(inode: int, st: os.stat_result) -> bytes:
+    head = p.ENTRY_OUT_HEAD.pack(inode, 0, ENTRY_TIMEOUT, ATTR_TIMEOUT, 0, 0)
+    return head + _attr(inode, st)
 
 
-def _no_such_entry() -> pyfuse3.EntryAttributes:
-    """A negative lookup the kernel may cache for NEGATIVE_TIMEOUT."""
-    attr = pyfuse3.EntryAttributes()
-    attr.st_ino = 0  # type: ignore[assignment]
-    attr.entry_timeout = NEGATIVE_TIMEOUT
-    return attr
+def _attr_reply(inode: int, st: os.stat_result, nlink: int | None = None) -> bytes:
+    return p.ATTR_OUT_HEAD.pack(ATTR_TIMEOUT, 0, 0) + _attr(inode, st, nlink)
+
+
+# A negative lookup the kernel may cache for NEGATIVE_TIMEOUT.
+_NO_SUCH_ENTRY = p.ENTRY_OUT_HEAD.pack(0, 0, NEGATIVE_TIMEOUT, 0, 0, 0) + bytes(p.ATTR.size)
 
 
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
-class Operations(pyfuse3.Operations):
+@dataclass(eq=False)
+class _Backing:
+    """A file registered with the kernel for passthrough, and how many opens use it."""
+
+    open_file: OpenFile
+    backing_id: int
+    users: int = 0
+
+
+class Operations:
     """One flat directory (the root) whose files are the pool's files."""
 
-    supports_dot_lookup = False
-
-    def __init__(self, pool: Pool, debug: bool = False) -> None:
-        super().__init__()
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.debug = debug
         self.inodes = InodeTable()
         self._handles: dict[int, Handle] = {}
         self._handle_inodes: dict[int, int] = {}
-        self._listings: dict[int, list[tuple[str, str | None]]] = {}
+        self._listings: dict[int, list[bytes] | None] = {}
         self._next_fh = itertools.count(1)
+        # Set by the request loop once the kernel agreed to passthrough: the
+        # /dev/fuse descriptor that registers backing files.
+        self.passthrough_device: int | None = None
+        self._backings: dict[OpenFile, _Backing] = {}
+        self._passthrough_handles: dict[int, _Backing] = {}
+        self.handlers = {
+            p.LOOKUP: self.lookup,
+            p.FORGET: self.forget,
+            p.BATCH_FORGET: self.batch_forget,
+            p.GETATTR: self.getattr,
+            p.SETATTR: self.setattr,
+            p.UNLINK: self.unlink,
+            p.RENAME: self.rename,
+            p.RENAME2: self.rename2,
+            p.RMDIR: self.rmdir,
+            p.MKDIR: self.not_permitted,
+            p.SYMLINK: self.not_permitted,
+            p.LINK: self.not_permitted,
+            p.MKNOD: self.not_permitted,
+            p.OPEN: self.open,
+            p.CREATE: self.create,
+            p.READ: self.read,
+            p.WRITE: self.write,
+            p.FLUSH: self.flush,
+            p.FSYNC: self.fsync,
+            p.RELEASE: self.release,
+            p.OPENDIR: self.opendir,
+            p.READDIR: self.readdir,
+            p.RELEASEDIR: self.releasedir,
+            p.STATFS: self.statfs,
+        }
 
     # ---------------------------------------------------------------- helpers
 
-    def _root_attributes(self) -> pyfuse3.EntryAttributes:
+    def _root_stat(self) -> os.stat_result:
         # The root looks like the top-priority datadir: its owner and mode
         # decide who may create files through the mount.
-        st = os.stat(self.pool.datadirs[0].path)
-        attr = _attributes(ROOT_INODE, st)
-        attr.st_nlink = 2
-        return attr
+        return os.stat(self.pool.datadirs[0].path)
 
     def _name_of(self, inode: int) -> str:
         name = self.inodes.name_of(inode)
@@ -154,11 +174,62 @@ class Operations(pyfuse3.Operations):
                 return self._handles[fh]
         raise OSError(errno.ENOENT, f"inode {inode} was unlinked")
 
-    def _new_handle(self, inode: int, handle: Handle) -> pyfuse3.FileInfo:
+    def _new_handle(self, inode: int, handle: Handle) -> bytes:
+        """Register the handle; the fuse_open_out that tells the kernel how to do its I/O."""
         fh = next(self._next_fh)
         self._handles[fh] = handle
         self._handle_inodes[fh] = inode
-        return pyfuse3.FileInfo(fh=fh)  # type: ignore[arg-type]
+        if self.passthrough_device is None:
+            return p.OPEN_OUT.pack(fh, 0, 0)
+        open_file = handle.open_file
+        backing = self._backings.get(open_file)
+        if backing is None and not any(h.writable for h in open_file.handles):
+            backing = self._register_backing(open_file, handle)
+        if backing is None:
+            return p.OPEN_OUT.pack(fh, p.FOPEN_DIRECT_IO, 0)
+        # The kernel wants every open of a file that is open in passthrough to
+        # be in passthrough on the same backing file, even a writer's.
+        backing.users += 1
+        self._passthrough_handles[fh] = backing
+        return p.OPEN_OUT.pack(fh, p.FOPEN_PASSTHROUGH, backing.backing_id)
+
+    def _register_backing(self, open_file: OpenFile, handle: Handle) -> _Backing | None:
+        # Registered read-write when the datadir allows it: a writer that
+        # opens the file while it is open for reading writes through it.
+        fd = handle.fd
+        with contextlib.suppress(OSError):
+            if open_file.path is not None:
+                fd = os.open(open_file.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        request = bytearray(p.BACKING_MAP.pack(fd, 0, 0))
+        try:
+            backing_id = fcntl.ioctl(self.passthrough_device, p.DEV_IOC_BACKING_OPEN, request)  # type: ignore[arg-type]
+        except OSError as exc:
+            log.warning(
+                "passthrough refused (%s): reads of %r go through fusestore", exc, open_file.name
+            )
+            return None
+        finally:
+            if fd != handle.fd:
+                os.close(fd)
+        backing = self._backings[open_file] = _Backing(open_file, backing_id)
+        return backing
+
+    def _release_backing(self, fh: int) -> None:
+        backing = self._passthrough_handles.pop(fh, None)
+        if backing is None:
+            return
+        backing.users -= 1
+        if backing.users:
+            return
+        del self._backings[backing.open_file]
+        try:
+            fcntl.ioctl(
+                self.passthrough_device,  # type: ignore[arg-type]
+                p.DEV_IOC_BACKING_CLOSE,
+                backing.backing_id.to_bytes(4, "little"),
+            )
+        except OSError as exc:
+            log.warning("cannot unregister backing file %d: %s", backing.backing_id, exc)
 
     @staticmethod
     def _only_root(parent_inode: int) -> None:
@@ -167,220 +238,225 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------- namespace
 
-    @_translate_errors
-    async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        self._only_root(parent_inode)
-        if name in (b".", b".."):
-            return self._root_attributes()
-        decoded = _name(name)
+    def lookup(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
+        self._only_root(parent)
+        raw = p.split_name(body)
+        if raw in (b".", b".."):
+            return _entry(ROOT_INODE, self._root_stat())
+        name = _name(raw)
         try:
-            st = self.pool.stat(decoded)
-        except FileNotFoundError:
-            return _no_such_entry()
+            st = self.pool.stat(name)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
-                return _no_such_entry()
+                return _NO_SUCH_ENTRY
             raise
-        return _attributes(self.inodes.remember(decoded), st)
+        return _entry(self.inodes.remember(name), st)
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for inode, count in inode_list:
-            self.inodes.forget(inode, count)
+    def forget(self, inode: int, uid: int, gid: int, body: memoryview) -> None:
+        (count,) = p.FORGET_IN.unpack_from(body)
+        self.inodes.forget(inode, count)
 
-    @_translate_errors
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def batch_forget(self, inode: int, uid: int, gid: int, body: memoryview) -> None:
+        count, _ = p.BATCH_FORGET_IN.unpack_from(body)
+        for index in range(count):
+            forgotten, lookups = p.FORGET_ONE.unpack_from(
+                body, p.BATCH_FORGET_IN.size + index * p.FORGET_ONE.size
+            )
+            self.inodes.forget(forgotten, lookups)
+
+    def getattr(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         if inode == ROOT_INODE:
-            return self._root_attributes()
-        return _attributes(inode, self._stat_inode(inode))
+            return _attr_reply(ROOT_INODE, self._root_stat(), nlink=2)
+        return _attr_reply(inode, self._stat_inode(inode))
 
-    @_translate_errors
-    async def setattr(
-        self,
-        inode: int,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
-        fh: int | None,
-        ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
+    def setattr(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fields = p.SETATTR_IN.unpack_from(body)
+        valid, fh, size, atime, mtime = fields[0], fields[2], fields[3], fields[5], fields[6]
+        atime_ns, mtime_ns, mode = fields[8], fields[9], fields[11]
+        new_uid, new_gid = fields[13], fields[14]
+        now = time.time_ns()
+        atime_total = now if valid & p.FATTR_ATIME_NOW else atime * 1_000_000_000 + atime_ns
+        mtime_total = now if valid & p.FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtime_ns
+        mode_value = mode if valid & p.FATTR_MODE else None
+        uid_value = new_uid if valid & p.FATTR_UID else None
+        gid_value = new_gid if valid & p.FATTR_GID else None
+        atime_value = atime_total if valid & (p.FATTR_ATIME | p.FATTR_ATIME_NOW) else None
+        mtime_value = mtime_total if valid & (p.FATTR_MTIME | p.FATTR_MTIME_NOW) else None
         if inode == ROOT_INODE:
-            return await self._set_root_attributes(attr, fields)
-        handle = self._handles.get(fh) if fh is not None else None
+            self._set_root_attributes(mode_value, uid_value, gid_value, atime_value, mtime_value)
+            return _attr_reply(ROOT_INODE, self._root_stat(), nlink=2)
+        handle = self._handles.get(fh) if valid & p.FATTR_FH else None
         name = self.inodes.name_of(inode)
         if name is None and handle is None:
             handle = self._orphan_handle(inode)
         st = self.pool.set_attributes(
             name or "",
             handle,
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            size=attr.st_size if fields.update_size else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            mode=mode_value,
+            uid=uid_value,
+            gid=gid_value,
+            size=size if valid & p.FATTR_SIZE else None,
+            atime_ns=atime_value,
+            mtime_ns=mtime_value,
         )
-        return _attributes(inode, st)
+        return _attr_reply(inode, st)
 
-    async def _set_root_attributes(
-        self, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
-    ) -> pyfuse3.EntryAttributes:
+    def _set_root_attributes(
+        self,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        atime_ns: int | None,
+        mtime_ns: int | None,
+    ) -> None:
         # chmod/chown of the mount point applies to every datadir, so the
         # permission the kernel checks matches what the datadirs enforce.
         for datadir in self.pool.datadirs:
-            if fields.update_uid or fields.update_gid:
-                os.chown(
-                    datadir.path,
-                    attr.st_uid if fields.update_uid else -1,
-                    attr.st_gid if fields.update_gid else -1,
-                )
-            if fields.update_mode:
-                os.chmod(datadir.path, stat.S_IMODE(attr.st_mode))
-        if fields.update_atime or fields.update_mtime:
+            if uid is not None or gid is not None:
+                os.chown(datadir.path, -1 if uid is None else uid, -1 if gid is None else gid)
+            if mode is not None:
+                os.chmod(datadir.path, stat.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
             top = self.pool.datadirs[0].path
             current = os.stat(top)
             os.utime(
                 top,
                 ns=(
-                    attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
-                    attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns,
+                    current.st_atime_ns if atime_ns is None else atime_ns,
+                    current.st_mtime_ns if mtime_ns is None else mtime_ns,
                 ),
             )
-        return self._root_attributes()
 
-    @_translate_errors
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._only_root(parent_inode)
-        decoded = _name(name)
-        self.pool.unlink(decoded)
-        self.inodes.unlinked(decoded)
+    def unlink(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
+        self._only_root(parent)
+        name = _name(p.split_name(body))
+        self.pool.unlink(name)
+        self.inodes.unlinked(name)
+        return b""
 
-    @_translate_errors
-    async def rename(
-        self,
-        parent_inode_old: int,
-        name_old: bytes,
-        parent_inode_new: int,
-        name_new: bytes,
-        flags: int,
-        ctx: pyfuse3.RequestContext,
-    ) -> None:
-        self._only_root(parent_inode_old)
-        self._only_root(parent_inode_new)
-        if flags & pyfuse3.RENAME_EXCHANGE:
+    def rename(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
+        (new_parent,) = p.RENAME_IN.unpack_from(body)
+        return self._rename(parent, new_parent, 0, body[p.RENAME_IN.size :])
+
+    def rename2(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
+        new_parent, flags, _ = p.RENAME2_IN.unpack_from(body)
+        return self._rename(parent, new_parent, flags, body[p.RENAME2_IN.size :])
+
+    def _rename(self, parent: int, new_parent: int, flags: int, names: memoryview) -> bytes:
+        self._only_root(parent)
+        self._only_root(new_parent)
+        if flags & p.RENAME_EXCHANGE:
             raise OSError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
-        old, new = _name(name_old), _name(name_new)
-        self.pool.rename(old, new, no_replace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+        raw_old, raw_new = p.split_two_names(names)
+        old, new = _name(raw_old), _name(raw_new)
+        self.pool.rename(old, new, no_replace=bool(flags & p.RENAME_NOREPLACE))
         if old != new:
             self.inodes.renamed(old, new)
+        return b""
 
-    @_translate_errors
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._only_root(parent_inode)
-        self.pool.locate(_name(name))
+    def rmdir(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
+        self._only_root(parent)
+        self.pool.locate(_name(p.split_name(body)))
         raise OSError(errno.ENOTDIR, "the pool holds only files")
 
-    async def mkdir(self, *args: Any) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    async def symlink(self, *args: Any) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
+    def not_permitted(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
+        raise OSError(errno.EPERM, "the pool holds only regular files")
 
     # ------------------------------------------------------------ open files
 
-    @_translate_errors
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    def open(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        flags, _ = p.OPEN_IN.unpack_from(body)
         if inode == ROOT_INODE:
             raise OSError(errno.EISDIR, "the root is a directory")
         handle = self.pool.open(self._name_of(inode), flags)
         return self._new_handle(inode, handle)
 
-    @_translate_errors
-    async def create(
-        self,
-        parent_inode: int,
-        name: bytes,
-        mode: int,
-        flags: int,
-        ctx: pyfuse3.RequestContext,
-    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        self._only_root(parent_inode)
-        decoded = _name(name)
-        handle = self.pool.create(decoded, mode & ~ctx.umask, ctx.uid, ctx.gid, flags)
-        inode = self.inodes.remember(decoded)
-        return self._new_handle(inode, handle), _attributes(inode, handle.stat())
+    def create(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
+        self._only_root(parent)
+        flags, mode, umask, _ = p.CREATE_IN.unpack_from(body)
+        name = _name(p.split_name(body[p.CREATE_IN.size :]))
+        handle = self.pool.create(name, mode & ~umask, uid, gid, flags)
+        inode = self.inodes.remember(name)
+        return _entry(inode, handle.stat()) + self._new_handle(inode, handle)
 
-    @_translate_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self._handles[fh].read(off, size)
+    def read(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        return self._handles[fh].read(offset, size)
 
-    @_translate_errors
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.pool.write(self._handles[fh], off, buf)
+    def write(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        data = body[p.READ_IN.size : p.READ_IN.size + size]
+        return p.WRITE_OUT.pack(self.pool.write(self._handles[fh], offset, data), 0)
 
-    @_translate_errors
-    async def flush(self, fh: int) -> None:
+    def flush(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        (fh, *_) = p.FLUSH_IN.unpack_from(body)
         self.pool.flush(self._handles[fh])
+        return b""
 
-    @_translate_errors
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        self.pool.fsync(self._handles[fh], datasync)
+    def fsync(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, fsync_flags, _ = p.FSYNC_IN.unpack_from(body)
+        self.pool.fsync(self._handles[fh], bool(fsync_flags & p.FSYNC_FDATASYNC))
+        return b""
 
-    @_translate_errors
-    async def release(self, fh: int) -> None:
+    def release(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        (fh, *_) = p.RELEASE_IN.unpack_from(body)
         handle = self._handles.pop(fh)
         del self._handle_inodes[fh]
+        self._release_backing(fh)
         self.pool.release(handle)
+        return b""
 
     # ------------------------------------------------------------- directory
 
-    @_translate_errors
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    def opendir(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         if inode != ROOT_INODE:
             raise OSError(errno.ENOTDIR, "the pool has no subdirectories")
         fh = next(self._next_fh)
-        # One snapshot per opendir: a large listing is read in many chunks,
-        # and re-listing every datadir for each chunk would be quadratic.
-        self._listings[fh] = self.pool.list_names()
-        return fh
+        self._listings[fh] = None  # listed at the first readdir
+        return p.OPEN_OUT.pack(fh, 0, 0)
 
-    @_translate_errors
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        listing = self._listings[fh]
-        for index in range(start_id, len(listing)):
-            name, path = listing[index]
-            try:
-                st = self.pool.stat_listed(name, path)
-            except OSError:
-                continue  # removed since the snapshot
-            inode = self.inodes.inode_for(name)
-            attr = _attributes(inode, st)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, index + 1):
-                self.inodes.discard_if_unused(inode)
-                return
-            self.inodes.add_lookup(inode)
+    def readdir(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        entries = self._listings[fh]
+        if entries is None or offset == 0:
+            # One snapshot per opendir, taken when the reading starts: a large
+            # listing is read in many chunks, and re-listing every datadir
+            # for each chunk would be quadratic.
+            entries = self._listings[fh] = self._list_entries()
+        reply: list[bytes] = []
+        room = size
+        for index in range(offset, len(entries)):
+            entry = entries[index]
+            if len(entry) > room:
+                break
+            reply.append(entry)
+            room -= len(entry)
+        return b"".join(reply)
 
-    @_translate_errors
-    async def releasedir(self, fh: int) -> None:
+    def _list_entries(self) -> list[bytes]:
+        known = self.inodes.known_inode
+        entries = []
+        for index, (name, _) in enumerate(self.pool.list_names(), start=1):
+            raw = os.fsencode(name)
+            inode = known(name) or _LISTED_ONLY_INODES + index
+            entries.append(p.dirent(inode, index, raw))
+        return entries
+
+    def releasedir(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        (fh, *_) = p.RELEASE_IN.unpack_from(body)
         self._listings.pop(fh, None)
+        return b""
 
-    @_translate_errors
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+    def statfs(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         space = self.pool.space()
-        data = pyfuse3.StatvfsData()
-        data.f_bsize = space.block_size
-        data.f_frsize = space.block_size
-        data.f_blocks = space.total_blocks
-        data.f_bfree = space.free_blocks
-        data.f_bavail = space.available_blocks
-        data.f_files = space.total_inodes
-        data.f_ffree = space.free_inodes
-        data.f_favail = space.free_inodes
-        data.f_namemax = space.name_max
-        return data
+        return p.KSTATFS.pack(
+            space.total_blocks,
+            space.free_blocks,
+            space.available_blocks,
+            space.total_inodes,
+            space.free_inodes,
+            space.block_size,
+            space.name_max,
+            space.block_size,
+            0,
+        )

@@ -34,19 +34,15 @@ class InodeTable:
             self._lookups[inode] = 0
         return inode
 
+    def known_inode(self, name: str) -> int | None:
+        """The number of ``name`` if it has one, without allocating."""
+        return self._inode_by_name.get(name)
+
     def remember(self, name: str) -> int:
         """``inode_for`` plus one kernel lookup reference."""
         inode = self.inode_for(name)
         self._lookups[inode] += 1
         return inode
-
-    def add_lookup(self, inode: int) -> None:
-        self._lookups[inode] += 1
-
-    def discard_if_unused(self, inode: int) -> None:
-        """Drop an inode that was allocated but never handed to the kernel."""
-        if self._lookups.get(inode) == 0:
-            self._drop(inode)
 
     def name_of(self, inode: int) -> str | None:
         """The current name; ``None`` once unlinked or replaced. ENOENT if unknown."""

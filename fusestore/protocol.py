@@ -1,0 +1,131 @@
+"""The kernel's FUSE protocol: message layouts and constants, nothing else.
+
+fusestore answers the kernel's requests on ``/dev/fuse`` itself (see
+``requestloop.py`` for why). The layouts below are those of
+``include/uapi/linux/fuse.h``, protocol 7.x; every one is fixed-size and
+little-endian on the machines fusestore runs on (native order is used).
+"""
+
+from __future__ import annotations
+
+import struct
+
+KERNEL_MAJOR = 7
+
+# Opcodes fusestore answers; any other gets ENOSYS.
+LOOKUP = 1
+FORGET = 2
+GETATTR = 3
+SETATTR = 4
+SYMLINK = 6
+MKNOD = 8
+MKDIR = 9
+UNLINK = 10
+RMDIR = 11
+RENAME = 12
+LINK = 13
+OPEN = 14
+READ = 15
+WRITE = 16
+STATFS = 17
+RELEASE = 18
+FSYNC = 20
+FLUSH = 25
+INIT = 26
+OPENDIR = 27
+READDIR = 28
+RELEASEDIR = 29
+CREATE = 35
+INTERRUPT = 36
+DESTROY = 38
+BATCH_FORGET = 42
+RENAME2 = 45
+
+OPCODE_NAMES = {
+    value: name.lower()
+    for name, value in list(globals().items())
+    if name.isupper() and isinstance(value, int) and name != "KERNEL_MAJOR"
+}
+
+# INIT flags (the high 32 bits travel in flags2 with INIT_EXT).
+ASYNC_READ = 1 << 0
+ATOMIC_O_TRUNC = 1 << 3
+BIG_WRITES = 1 << 5
+AUTO_INVAL_DATA = 1 << 12
+ASYNC_DIO = 1 << 15
+PARALLEL_DIROPS = 1 << 18
+MAX_PAGES = 1 << 22
+INIT_EXT = 1 << 30
+DIRECT_IO_ALLOW_MMAP = 1 << 36
+PASSTHROUGH = 1 << 37
+
+# fuse_open_out.open_flags
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_PASSTHROUGH = 1 << 7
+
+# fuse_setattr_in.valid
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
+FATTR_ATIME_NOW = 1 << 7
+FATTR_MTIME_NOW = 1 << 8
+
+FSYNC_FDATASYNC = 1 << 0
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+DT_REG = 8
+
+# ioctls on /dev/fuse: _IOR(229, 0, uint32) and _IOW(229, 1/2, ...).
+DEV_IOC_CLONE = 0x8004E500
+DEV_IOC_BACKING_OPEN = 0x4010E501
+DEV_IOC_BACKING_CLOSE = 0x4004E502
+
+IN_HEADER = struct.Struct("=IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
+OUT_HEADER = struct.Struct("=IiQ")  # len error unique
+INIT_IN = struct.Struct("=IIIII")  # major minor max_readahead flags flags2
+INIT_OUT = struct.Struct("=IIIIHHIIHHII24x")
+ATTR = struct.Struct("=QQQQQQIIIIIIIIII")
+ENTRY_OUT_HEAD = struct.Struct("=QQQQII")  # nodeid generation entry/attr valid + nsec
+ATTR_OUT_HEAD = struct.Struct("=QII")  # attr_valid attr_valid_nsec dummy
+GETATTR_IN = struct.Struct("=IIQ")
+SETATTR_IN = struct.Struct("=IIQQQQQQIIIIIIII")
+OPEN_IN = struct.Struct("=II")
+OPEN_OUT = struct.Struct("=QIi")
+CREATE_IN = struct.Struct("=IIII")  # flags mode umask open_flags
+READ_IN = struct.Struct("=QQIIQII")  # also fuse_write_in
+WRITE_OUT = struct.Struct("=II")
+RELEASE_IN = struct.Struct("=QIIQ")
+FLUSH_IN = struct.Struct("=QIIQ")
+FSYNC_IN = struct.Struct("=QII")
+FORGET_IN = struct.Struct("=Q")
+BATCH_FORGET_IN = struct.Struct("=II")
+FORGET_ONE = struct.Struct("=QQ")
+RENAME_IN = struct.Struct("=Q")
+RENAME2_IN = struct.Struct("=QII")
+KSTATFS = struct.Struct("=QQQQQIIII24x")
+DIRENT_HEAD = struct.Struct("=QQII")  # ino off namelen type, then the name padded to 8
+BACKING_MAP = struct.Struct("=iIQ")  # fd flags padding
+
+WRITE_HEADER_SIZE = IN_HEADER.size + READ_IN.size
+
+
+def split_name(body: memoryview) -> bytes:
+    """A request's file name: the bytes up to the first NUL."""
+    raw = bytes(body)
+    end = raw.find(b"\0")
+    return raw if end < 0 else raw[:end]
+
+
+def split_two_names(body: memoryview) -> tuple[bytes, bytes]:
+    old, new, *_ = bytes(body).split(b"\0")
+    return old, new
+
+
+def dirent(inode: int, next_offset: int, name: bytes) -> bytes:
+    """One READDIR entry, padded to 8 bytes as the kernel expects."""
+    entry = DIRENT_HEAD.pack(inode, next_offset, len(name), DT_REG) + name
+    return entry + b"\0" * (-len(entry) % 8)
