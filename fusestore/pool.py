@@ -179,12 +179,9 @@ class Pool:
             return os.fstat(open_file.any_fd())
         return self.locate(name).stat
 
-    def list_names(self) -> list[tuple[str, str | None]]:
-        """Each visible name once, in lookup order, with the path to stat for it.
-
-        ``None`` instead of a path: ask :meth:`stat` (a file being written).
-        """
-        listing: dict[str, str | None] = {}
+    def list_names(self) -> list[str]:
+        """Each visible name once, in lookup order (files being written included)."""
+        listing: dict[str, None] = {}
         for datadir in self.datadirs:
             try:
                 entries = os.scandir(datadir.path)
@@ -192,22 +189,14 @@ class Pool:
                 log.error("cannot list datadir %s: %s", datadir.path, exc.strerror)
                 continue
             with entries:
-                for entry in entries:
-                    if entry.name not in listing and entry.is_file(follow_symlinks=False):
-                        listing[entry.name] = entry.path
+                # update() keeps the position of a name already listed.
+                listing.update(
+                    dict.fromkeys(e.name for e in entries if e.is_file(follow_symlinks=False))
+                )
         for name, open_file in self._open_files.items():
             if open_file.new:
-                listing.setdefault(name, None)
-        return list(listing.items())
-
-    def stat_listed(self, name: str, path: str | None) -> os.stat_result:
-        """Attributes of an entry of :meth:`list_names`; ENOENT if gone meanwhile."""
-        if path is None or name in self._open_files:
-            return self.stat(name)
-        st = os.stat(path, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode):
-            raise _fail(errno.ENOENT, name)
-        return st
+                listing.setdefault(name)
+        return list(listing)
 
     # -------------------------------------------------------------- placement
 

@@ -61,6 +61,7 @@ PASSTHROUGH = 1 << 37
 
 # fuse_open_out.open_flags
 FOPEN_DIRECT_IO = 1 << 0
+FOPEN_NOFLUSH = 1 << 5
 FOPEN_PASSTHROUGH = 1 << 7
 
 # fuse_setattr_in.valid
@@ -110,7 +111,6 @@ KSTATFS = struct.Struct("=QQQQQIIII24x")
 DIRENT_HEAD = struct.Struct("=QQII")  # ino off namelen type, then the name padded to 8
 BACKING_MAP = struct.Struct("=iIQ")  # fd flags padding
 
-WRITE_HEADER_SIZE = IN_HEADER.size + READ_IN.size
 
 
 def split_name(body: memoryview) -> bytes:
@@ -123,9 +123,3 @@ def split_name(body: memoryview) -> bytes:
 def split_two_names(body: memoryview) -> tuple[bytes, bytes]:
     old, new, *_ = bytes(body).split(b"\0")
     return old, new
-
-
-def dirent(inode: int, next_offset: int, name: bytes) -> bytes:
-    """One READDIR entry, padded to 8 bytes as the kernel expects."""
-    entry = DIRENT_HEAD.pack(inode, next_offset, len(name), DT_REG) + name
-    return entry + b"\0" * (-len(entry) % 8)
