@@ -11,7 +11,11 @@ root), a read-only open of a file nobody is writing is handed to the kernel,
 which then reads the backing file itself, as fast as the disk; every other
 open is ``direct_io``: its reads and writes come to the pool, which moves a
 file whose datadir fills up (DESIGN.md), and no page cache of the mount can go
-stale. Without passthrough, opens use the kernel's page cache as before.
+stale. The kernel fails (EIO) an open that is not in passthrough while the
+file is open in passthrough, and wants one backing file per file: so a
+writer that opens a file being read joins its passthrough (registered
+read-write for that reason) and writes straight to the datadir, without the
+move on a full datadir. Without passthrough, opens use the page cache.
 
 Extended attributes are not implemented (ENOSYS): the kernel then stops
 asking, where it would otherwise ask ``getxattr`` for ``security.capability``
