@@ -112,7 +112,6 @@ DIRENT_HEAD = struct.Struct("=QQII")  # ino off namelen type, then the name padd
 BACKING_MAP = struct.Struct("=iIQ")  # fd flags padding
 
 
-
 def split_name(body: memoryview) -> bytes:
     """A request's file name: the bytes up to the first NUL."""
     raw = bytes(body)
