@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -71,8 +70,7 @@ def serve(
         pool.stop()
         _close_status(server, server_path)
         raise MountError(f"cannot mount {mountpoint}: no single /dev/fuse descriptor found")
-    lock = threading.Lock()
-    loop = RequestLoop(Operations(pool), device, lock, busy_poll_us, debug)
+    loop = RequestLoop(Operations(pool), device, busy_poll_us, debug)
     log.info(
         "mounted %s with datadirs %s, min_free_space %d bytes, %s, busy_poll %d µs",
         mountpoint,

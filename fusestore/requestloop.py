@@ -67,13 +67,13 @@ class RequestLoop:
         self,
         operations: Operations,
         device: int,
-        lock: threading.Lock,
         busy_poll_us: int = 0,
         debug: bool = False,
     ) -> None:
         self.operations = operations
         self.device = device
-        self.lock = lock
+        # Held while a handler runs; a config reload takes it too.
+        self.lock = threading.Lock()
         self.busy_poll_seconds = busy_poll_us / 1e6
         self.debug = debug
         self._stopping = False
