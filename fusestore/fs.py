@@ -61,8 +61,6 @@ PREFERRED_IO_SIZE = 1024 * 1024
 # Directory entries the kernel may know without ever looking them up get a
 # number from this range: only names the kernel looks up hold a table entry.
 _LISTED_ONLY_INODES = 1 << 48
-# A READDIR entry is a 24-byte head and the name, padded to a multiple of 8.
-_PADDING = [b"\0" * (-(p.DIRENT_HEAD.size + length) % 8) for length in range(8)]
 
 
 def _attr(inode: int, st: os.stat_result, nlink: int | None = None) -> bytes:
@@ -445,12 +443,12 @@ class Operations:
         """The READDIR entries of every name, packed once: a listing of 100,000
         names is read in a few hundred requests."""
         known = self.inodes.known_inode
-        pack = p.DIRENT_HEAD.pack
+        packer = p.dirent_packer
         entries = []
         for index, name in enumerate(self.pool.list_names(), start=1):
             raw = os.fsencode(name)
             inode = known(name) or _LISTED_ONLY_INODES + index
-            entries.append(pack(inode, index, len(raw), p.DT_REG) + raw + _PADDING[len(raw) % 8])
+            entries.append(packer(len(raw))(inode, index, len(raw), p.DT_REG, raw))
         return entries
 
     def releasedir(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
