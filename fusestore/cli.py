@@ -105,6 +105,16 @@ def _add_mount_parser(commands: Any) -> None:
         f"{DEFAULT_BUSY_POLL_US}; 0 turns it off)",
     )
     source.add_argument(
+        "--no-io-uring",
+        dest="io_uring",
+        action="store_const",
+        const=False,
+        help="take requests from /dev/fuse only. By default fusestore uses FUSE over "
+        "io_uring where the kernel has it (Linux 6.14+), switching on the fuse module's "
+        "enable_uring parameter when run as root: each CPU's requests are answered on "
+        "that CPU, which halves the cost of a small request",
+    )
+    source.add_argument(
         "--metadata-file",
         metavar="FILE",
         help="Glance's filesystem_store_metadata_file (JSON with 'id' and 'mountpoint'); "
@@ -203,7 +213,15 @@ def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any
             config_file = config_file or args.source
         else:
             overrides["datadirs"] = [spec for spec in args.source.split(",") if spec]
-    for key in ("datadir", "metadata_file", "log_file", "no_sync", "busy_poll", "debug"):
+    for key in (
+        "datadir",
+        "metadata_file",
+        "log_file",
+        "no_sync",
+        "busy_poll",
+        "io_uring",
+        "debug",
+    ):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.datadirs:
@@ -259,6 +277,7 @@ def _mount(args: argparse.Namespace) -> int:
             on_ready,
             reload if config_file else None,
             about,
+            io_uring=settings.io_uring,
         )
     except MountError as exc:
         log.error("%s", exc)

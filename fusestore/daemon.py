@@ -21,7 +21,7 @@ import pyfuse3
 import sdnotify
 import trio
 
-from fusestore import status
+from fusestore import status, uring
 from fusestore.fs import Operations
 from fusestore.pool import Pool
 from fusestore.requestloop import RequestLoop, fuse_device_fd
@@ -44,13 +44,17 @@ def serve(
     on_ready: Callable[[], None] = lambda: None,
     reload: Callable[[], None] | None = None,
     about: dict[str, Any] | None = None,
+    io_uring: bool = True,
 ) -> None:
     """Mount the pool and serve it until unmounted or signalled (SIGTERM, SIGINT).
 
     ``on_ready`` runs, and systemd hears READY=1, once the mount has answered
-    a request. SIGHUP calls ``reload``.
+    a request. SIGHUP calls ``reload``. With ``io_uring``, requests go through
+    FUSE over io_uring where the kernel has it (``uring.py``).
     """
     pool.start()
+    if io_uring:
+        io_uring = uring.switch_on()  # before mounting: the kernel offers it at INIT
     facts = {"mountpoint": mountpoint, "pid": os.getpid(), **(about or {})}
     # Before mounting: resolving the mountpoint's path afterwards would ask
     # this very daemon, which is not serving requests yet.
@@ -70,7 +74,7 @@ def serve(
         pool.stop()
         _close_status(server, server_path)
         raise MountError(f"cannot mount {mountpoint}: no single /dev/fuse descriptor found")
-    loop = RequestLoop(Operations(pool), device, busy_poll_us, debug)
+    loop = RequestLoop(Operations(pool), device, busy_poll_us, debug, io_uring)
     log.info(
         "mounted %s with datadirs %s, min_free_space %d bytes, %s, busy_poll %d µs",
         mountpoint,
@@ -115,7 +119,7 @@ async def _serve_until_done(
         # Started, not just scheduled: a signal must find its receiver in
         # place from the first request.
         await nursery.start(_handle_signals, notifier, loop, reload)
-        await nursery.start(_answer_status, server, pool, facts)
+        await nursery.start(_answer_status, server, pool, facts, loop)
         nursery.start_soon(_announce_when_usable, mountpoint, notifier, on_ready)
         # Requests are answered in a thread of their own: they never wait for
         # trio, and trio (signals, status) never waits for them.
@@ -127,6 +131,7 @@ async def _answer_status(
     server: socket.socket,
     pool: Pool,
     facts: dict[str, Any],
+    loop: RequestLoop,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``fusestore status``: one JSON document per connection."""
@@ -138,7 +143,8 @@ async def _answer_status(
                 await stream.receive_some(64)
                 # In a thread: counting the files of a large pool reads every
                 # datadir, and requests must not wait for it. It only reads.
-                report = await trio.to_thread.run_sync(status.encode, pool, facts)
+                now = {**facts, "io_uring_queues": loop.io_uring_queues}
+                report = await trio.to_thread.run_sync(status.encode, pool, now)
                 await stream.send_all(report)
 
     await trio.serve_listeners(answer, [listener], task_status=task_status)

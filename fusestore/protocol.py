@@ -60,6 +60,7 @@ MAX_PAGES = 1 << 22
 INIT_EXT = 1 << 30
 DIRECT_IO_ALLOW_MMAP = 1 << 36
 PASSTHROUGH = 1 << 37
+OVER_IO_URING = 1 << 41
 
 # fuse_open_out.open_flags
 FOPEN_DIRECT_IO = 1 << 0

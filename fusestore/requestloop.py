@@ -19,7 +19,12 @@ The loop:
   sleep and being woken — and then sleeps in ``poll(2)`` until a request
   comes or :meth:`RequestLoop.stop` is called;
 * holds ``lock`` while a handler runs, so that a config reload from another
-  thread never sees a request half done.
+  thread never sees a request half done;
+* with FUSE over io_uring (``uring.py``), starts one queue thread per CPU
+  right after INIT; the kernel then sends every request but forgets and
+  interrupts to the queues, and this loop stops spinning: it takes forgets in
+  batches, at most every ``_FORGET_BATCH_MS``, so that a program whose unlink
+  causes a forget does not have to wake this thread on another CPU for it.
 
 It ends when the mount goes away (``umount``: the device answers ENODEV) or
 when :meth:`RequestLoop.stop` is called (a signal).
@@ -32,10 +37,12 @@ import errno
 import logging
 import os
 import select
+import struct
 import threading
 import time
 
 from fusestore import protocol as p
+from fusestore import uring
 from fusestore.fs import Operations
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,13 @@ MAX_WRITE = 1024 * 1024
 # The kernel refuses reads into a buffer that cannot take the largest write.
 _BUFFER_SIZE = MAX_WRITE + 64 * 1024
 _MAX_BACKGROUND = 64
+_FORGET_BATCH_MS = 20
+# Ring entries per CPU: requests a CPU's programs can have in flight at once
+# (each entry holds a 1 MiB buffer, touched only when used).
+_QUEUE_DEPTH = 4
+# What the kernel still sends through /dev/fuse once the io_uring queues run.
+_NOT_FOR_QUEUES = frozenset({p.FORGET, p.BATCH_FORGET, p.INTERRUPT})
+_OPCODE = struct.Struct("=I")
 # Expected errors that need no log line of their own.
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST})
 
@@ -69,6 +83,7 @@ class RequestLoop:
         device: int,
         busy_poll_us: int = 0,
         debug: bool = False,
+        io_uring: bool = False,
     ) -> None:
         self.operations = operations
         self.device = device
@@ -77,7 +92,16 @@ class RequestLoop:
         self.busy_poll_seconds = busy_poll_us / 1e6
         self.debug = debug
         self._stopping = False
+        # Asked for io_uring; after INIT: whether the kernel agreed.
+        self.io_uring = io_uring
+        self.queues: list[uring.Queue] = []
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @property
+    def io_uring_queues(self) -> int:
+        """Queues serving requests (0: /dev/fuse), as ``fusestore status`` shows."""
+        alive = all(queue.thread.is_alive() for queue in self.queues)
+        return len(self.queues) if alive else 0
 
     def stop(self) -> None:
         """Make :meth:`run` return after the request it is answering, if any."""
@@ -91,6 +115,14 @@ class RequestLoop:
 
     def run(self) -> None:
         """Answer requests until the mount goes away or :meth:`stop` is called."""
+        thread = threading.current_thread()
+        name, thread.name = thread.name, "/dev/fuse"  # for the debug log
+        try:
+            self._read_device()
+        finally:
+            thread.name = name
+
+    def _read_device(self) -> None:
         os.set_blocking(self.device, False)
         buffer = bytearray(_BUFFER_SIZE)
         view = memoryview(buffer)
@@ -98,6 +130,7 @@ class RequestLoop:
         poller.register(self.device, select.POLLIN)
         poller.register(self._wake_read, select.POLLIN)
         idle_since = 0.0
+        only_forgets = False  # the queues answer everything else
         while not self._stopping:
             try:
                 length = os.readv(self.device, [buffer])
@@ -105,6 +138,15 @@ class RequestLoop:
                 now = time.perf_counter()
                 if not idle_since:
                     idle_since = now
+                if only_forgets:
+                    # Let more forgets gather, without anyone having to wake
+                    # us for each; then take them all and, once none come,
+                    # wait on the device again.
+                    poller.unregister(self.device)
+                    poller.poll(_FORGET_BATCH_MS)
+                    poller.register(self.device, select.POLLIN)
+                    only_forgets = False
+                    continue
                 if now - idle_since >= self.busy_poll_seconds:
                     poller.poll()
                     idle_since = 0.0
@@ -117,18 +159,42 @@ class RequestLoop:
                     return
                 raise
             idle_since = 0.0
+            opcode = _OPCODE.unpack_from(buffer, 4)[0]
+            only_forgets = bool(self.queues) and opcode in _NOT_FOR_QUEUES
             self._answer(view[:length])
 
     def _answer(self, request: memoryview) -> None:
         _, opcode, unique, nodeid, uid, gid, _, _, _ = p.IN_HEADER.unpack_from(request)
         body = request[p.IN_HEADER.size :]
+        if opcode == p.INIT:
+            self._reply(unique, self._negotiate(body))
+            self._start_queues()
+            return
+        if opcode == p.DESTROY:
+            self._reply(unique, b"")
+            return
+        if opcode == p.INTERRUPT:
+            return  # interrupts need no answer: requests finish fast
+        outcome = self.respond(opcode, unique, nodeid, uid, gid, body)
+        if outcome is None:
+            return  # forget: no answer
+        code, payload = outcome
+        if code:
+            self._reply_error(unique, code)
+        else:
+            self._reply(unique, payload)
+
+    def respond(
+        self, opcode: int, unique: int, nodeid: int, uid: int, gid: int, body: memoryview
+    ) -> tuple[int, bytes] | None:
+        """Run the handler of one request: (errno or 0, reply payload), None for no reply."""
         handler = self.operations.handlers.get(opcode)
         if self.debug:
             name = p.OPCODE_NAMES.get(opcode, opcode)
-            log.debug("%s(inode=%d, %d bytes) #%d", name, nodeid, len(body), unique)
+            via = threading.current_thread().name  # /dev/fuse or the CPU's queue
+            log.debug("%s(inode=%d, %d bytes) #%d via %s", name, nodeid, len(body), unique, via)
         if handler is None:
-            self._answer_other(opcode, unique, body)
-            return
+            return errno.ENOSYS, b""
         try:
             with self.lock:
                 payload = handler(nodeid, uid, gid, body)
@@ -137,22 +203,36 @@ class RequestLoop:
             if self.debug or code not in _QUIET_ERRNOS:
                 level = logging.DEBUG if self.debug else logging.INFO
                 log.log(level, "%s: %s", p.OPCODE_NAMES[opcode], exc)
-            self._reply_error(unique, code)
-            return
+            return code, b""
         except Exception:
             log.exception("%s on inode %d failed unexpectedly", p.OPCODE_NAMES[opcode], nodeid)
-            self._reply_error(unique, errno.EIO)
-            return
-        if payload is not None:
-            self._reply(unique, payload)
+            return errno.EIO, b""
+        return None if payload is None else (0, payload)
 
-    def _answer_other(self, opcode: int, unique: int, body: memoryview) -> None:
-        if opcode == p.INIT:
-            self._reply(unique, self._negotiate(body))
-        elif opcode == p.DESTROY:
-            self._reply(unique, b"")
-        elif opcode != p.INTERRUPT:  # interrupts need no answer: requests finish fast
-            self._reply_error(unique, errno.ENOSYS)
+    def _respond_or_empty(
+        self, opcode: int, unique: int, nodeid: int, uid: int, gid: int, body: memoryview
+    ) -> tuple[int, bytes]:
+        return self.respond(opcode, unique, nodeid, uid, gid, body) or (0, b"")
+
+    def _start_queues(self) -> None:
+        """After INIT: one queue per CPU; the kernel uses them once all are in place."""
+        if not self.io_uring:
+            return
+        try:
+            self.queues = [
+                uring.Queue(self.device, cpu, _QUEUE_DEPTH, MAX_WRITE, self._respond_or_empty)
+                for cpu in uring.possible_cpus()
+            ]
+        except OSError as exc:
+            log.error("cannot set up io_uring, requests stay on /dev/fuse: %s", exc)
+            self.queues = []
+            return
+        for queue in self.queues:
+            queue.start()
+        # Spinning here now would only hold the interpreter lock that the
+        # queues need.
+        self.busy_poll_seconds = 0
+        log.info("io_uring: %d queues of %d entries, one per CPU", len(self.queues), _QUEUE_DEPTH)
 
     def _negotiate(self, body: memoryview) -> bytes:
         major, minor, max_readahead, flags, flags2 = p.INIT_IN.unpack_from(body)
@@ -172,15 +252,25 @@ class RequestLoop:
         )
         if os.geteuid() == 0:  # the kernel lets only root register backing files
             wanted |= p.PASSTHROUGH
+        if self.io_uring:
+            wanted |= p.OVER_IO_URING
         agreed = wanted & offered
+        self.io_uring = bool(agreed & p.OVER_IO_URING)
         passthrough = bool(agreed & p.PASSTHROUGH)
         if passthrough:
             self.operations.passthrough_device = self.device
+        if self.io_uring:
+            transport = "io_uring: requests answered on the CPU that made them"
+        elif wanted & p.OVER_IO_URING:
+            transport = "/dev/fuse (the kernel does not offer io_uring)"
+        else:
+            transport = "/dev/fuse"
         log.info(
-            "kernel FUSE protocol %d.%d; passthrough %s",
+            "kernel FUSE protocol %d.%d; passthrough %s; requests through %s",
             major,
             minor,
             "on: reads of files nobody writes go straight to the disk" if passthrough else "off",
+            transport,
         )
         return p.INIT_OUT.pack(
             p.KERNEL_MAJOR,

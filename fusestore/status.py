@@ -181,8 +181,10 @@ def render_table(status: dict[str, Any]) -> str:
     reserve = human(status["min_free_space"])
     sync = "fsync before publishing" if status["sync"] else "no fsync (--no-sync)"
     lines.append("")
+    queues = status.get("io_uring_queues", 0)
+    transport = f"io_uring ({queues} queues)" if queues else "/dev/fuse"
     lines.append(
         f"mountpoint {status.get('mountpoint', '?')}, pid {status.get('pid', '?')}, "
-        f"reserve {reserve}, {sync}, {totals['names']} names"
+        f"reserve {reserve}, {sync}, {totals['names']} names, requests through {transport}"
     )
     return "\n".join(lines)

@@ -10,6 +10,7 @@ Targets, over the same backing datadirs (two of them, priorities 10 and 5):
   direct         the first datadir itself
   fusestore      fusestore --no-sync (mergerfs does not fsync on close either)
   fusestore-sync fusestore with its durable default (fsync before publishing)
+  fusestore-devfuse fusestore --no-sync --no-io-uring: requests through /dev/fuse
   mergerfs       category.create=epmfs, minfreespace = fusestore's reserve
   mergerfs-cache the same plus cache.files=auto-full, writeback, attr/entry caching
 """
@@ -101,8 +102,10 @@ def mounted(name: str, datadirs: list[Path], scratch: Path) -> Iterator[Path]:
     if name.startswith("fusestore"):
         args = [*FUSESTORE, "mount", "--min-free-space", RESERVE]
         args += ["--datadirs", f"{datadirs[0]}:10", "--datadirs", f"{datadirs[1]}:5"]
-        if name == "fusestore":
+        if name in ("fusestore", "fusestore-devfuse"):
             args.append("--no-sync")
+        if name == "fusestore-devfuse":
+            args.append("--no-io-uring")
         args += ["--log-file", str(scratch / f"{name}.log"), str(mountpoint)]
         run(*args)
     else:
@@ -369,7 +372,14 @@ def scale(files: int, scratch: Path) -> dict:
 # ------------------------------------------------------------------- driver
 
 
-TARGETS = ["direct", "fusestore", "fusestore-sync", "mergerfs", "mergerfs-cache"]
+TARGETS = [
+    "direct",
+    "fusestore",
+    "fusestore-sync",
+    "fusestore-devfuse",
+    "mergerfs",
+    "mergerfs-cache",
+]
 
 
 def rotated(targets: list[str], repetition: int) -> list[str]:
@@ -428,10 +438,10 @@ def markdown(report: dict) -> str:
     for kind, rows in report["results"].items():
         lines.append(f"\n### {kind} backing (medians of {report['repetitions']} runs)\n")
         lines.append(
-            "| workload | unit | direct | fusestore | fusestore-sync | mergerfs | mergerfs-cache "
-            "| fs/direct | fs/best mergerfs |"
+            "| workload | unit | direct | fusestore | fusestore-sync | fusestore-devfuse "
+            "| mergerfs | mergerfs-cache | fs/direct | fs/best mergerfs |"
         )
-        lines.append("|---|---|--:|--:|--:|--:|--:|--:|--:|")
+        lines.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
         for workload, medians in rows.items():
             best_mergerfs = max(medians["mergerfs"], medians["mergerfs-cache"])
             fs = medians["fusestore"]

@@ -26,6 +26,8 @@ MiB = 1 << 20
 TmpfsFactory = Callable[[str, int], Path]
 MountFactory = Callable[..., "MountedPool"]
 MOUNT_WAIT_SECONDS = 15
+# "devfuse": every mount of start_mount gets --no-io-uring (scripts/test's second run).
+TRANSPORT = os.environ.get("FUSESTORE_TEST_TRANSPORT", "default")
 WATCHDOG_SECONDS = 110  # a little under the pytest-timeout in pyproject.toml
 
 
@@ -205,6 +207,8 @@ def start_mount(
     args = ["mount", "-f", str(mountpoint)]
     for datadir in datadirs:
         args += ["--datadirs", datadir.spec]
+    if TRANSPORT == "devfuse":
+        args.append("--no-io-uring")
     log_file = log_path.open("ab")
     process = subprocess.Popen(
         fusestore_command(*args, *extra_args), stdout=log_file, stderr=log_file
