@@ -80,6 +80,7 @@ _PAYLOAD = 4096
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+_NO_SIZE = ctypes.c_size_t(0)
 
 
 class _Iovec(ctypes.Structure):
@@ -169,10 +170,9 @@ class _Ring:
         self.cqes = cq[5]
         self.pending = 0
 
-    def push(self, sqe: bytes) -> None:
-        """Queue one SQE; :meth:`submit_and_wait` hands it to the kernel."""
-        at = (self.tail & self.sq_mask) * _SQE_SIZE
-        self.sqes[at : at + _SQE_SIZE] = sqe
+    def push(self, *sqe: int) -> None:
+        """Queue one SQE (the fields of ``_SQE``); :meth:`submit_and_wait` hands it over."""
+        _SQE.pack_into(self.sqes, (self.tail & self.sq_mask) * _SQE_SIZE, *sqe)
         self.tail += 1
         # x86 keeps stores in order: the kernel sees the SQE before the tail.
         self.sq_words[self.sq_tail] = self.tail & 0xFFFFFFFF
@@ -180,14 +180,9 @@ class _Ring:
 
     def submit_and_wait(self) -> None:
         while True:
+            # u32 arguments pass as C ints; the last must be a full size_t.
             result = _syscall(
-                _SYS_IO_URING_ENTER,
-                self.fd,
-                ctypes.c_uint(self.pending),
-                ctypes.c_uint(1),
-                ctypes.c_uint(_ENTER_GETEVENTS),
-                None,
-                ctypes.c_size_t(0),
+                _SYS_IO_URING_ENTER, self.fd, self.pending, 1, _ENTER_GETEVENTS, None, _NO_SIZE
             )
             if result >= 0:
                 self.pending -= result
@@ -248,23 +243,9 @@ class Queue:
     def _command(self, index: int, op: int, commit_id: int) -> None:
         entry = self.entries[index]
         address, length = (entry.address, 2) if op == CMD_REGISTER else (0, 0)
-        self.ring.push(
-            _SQE.pack(
-                _OP_URING_CMD,
-                0,
-                0,
-                self.device,
-                op,
-                0,
-                address,
-                length,
-                0,
-                index,
-                0,
-                commit_id,
-                self.qid,
-            )
-        )
+        # user_data is the entry's index: the completion says which entry got a request.
+        head = (_OP_URING_CMD, 0, 0, self.device, op, 0, address, length, 0, index)
+        self.ring.push(*head, 0, commit_id, self.qid)
 
     def _run(self) -> None:
         try:
