@@ -106,9 +106,8 @@ def _add_mount_parser(commands: Any) -> None:
     )
     source.add_argument(
         "--no-io-uring",
-        dest="io_uring",
         action="store_const",
-        const=False,
+        const=True,
         help="take requests from /dev/fuse only. By default fusestore uses FUSE over "
         "io_uring where the kernel has it (Linux 6.14+), switching on the fuse module's "
         "enable_uring parameter when run as root: each CPU's requests are answered on "
@@ -219,7 +218,7 @@ def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any
         "log_file",
         "no_sync",
         "busy_poll",
-        "io_uring",
+        "no_io_uring",
         "debug",
     ):
         if getattr(args, key) is not None:
@@ -277,7 +276,7 @@ def _mount(args: argparse.Namespace) -> int:
             on_ready,
             reload if config_file else None,
             about,
-            io_uring=settings.io_uring,
+            io_uring=not settings.no_io_uring,
         )
     except MountError as exc:
         log.error("%s", exc)

@@ -36,7 +36,7 @@ SETTINGS: Mapping[str, str] = {
     "min_free_space": _SIZE,
     "no_sync": _BOOL,
     "busy_poll": _COUNT,
-    "io_uring": _BOOL,
+    "no_io_uring": _BOOL,
     "metadata_file": _STRING,
     "log_file": _STRING,
     "debug": _BOOL,
@@ -66,7 +66,7 @@ class Settings:
     min_free_space: int = 0
     no_sync: bool = False
     busy_poll: int = DEFAULT_BUSY_POLL_US
-    io_uring: bool = True
+    no_io_uring: bool = False
     metadata_file: str | None = None
     log_file: str | None = None
     debug: bool = False
