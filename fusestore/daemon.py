@@ -184,7 +184,7 @@ async def _handle_signals(
                     log.warning("received SIGHUP: no config file to reload")
                 else:
                     log.info("received SIGHUP: reloading the config")
-                    with loop.lock:  # between two requests
+                    with loop.lock.exclusive():  # between two requests
                         reload()
                 notifier.notify("READY=1")
                 continue

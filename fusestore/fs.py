@@ -37,6 +37,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fusestore import protocol as p
@@ -393,6 +394,15 @@ class Operations:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
         data = body[p.READ_IN.size : p.READ_IN.size + size]
         return p.WRITE_OUT.pack(self.pool.write(self._handles[fh], offset, data), 0)
+
+    def start_write(self, body: memoryview) -> Callable[[], bytes] | None:
+        """A WRITE as work that may run beside other writes (see requestlock.py), or None."""
+        fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        data = body[p.READ_IN.size : p.READ_IN.size + size]
+        work = self.pool.start_write(self._handles[fh], offset, data)
+        if work is None:
+            return None
+        return lambda: p.WRITE_OUT.pack(work(), 0)
 
     def flush(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         (fh, *_) = p.FLUSH_IN.unpack_from(body)

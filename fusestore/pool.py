@@ -26,7 +26,7 @@ import logging
 import os
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fusestore.config import PoolConfig
@@ -291,6 +291,25 @@ class Pool:
         return handle
 
     # ---------------------------------------------------------------- writing
+
+    def start_write(self, handle: Handle, offset: int, data: bytes) -> Callable[[], int] | None:
+        """The write as work that may run beside other writes, or ``None``.
+
+        ``None`` when the write would change the pool (a file published early
+        is taken back first). The work raises OSError on any failure, the pool
+        untouched: :meth:`write` then does it again and handles it (a full
+        datadir, an error to record).
+        """
+        if handle.published_early:
+            return None
+        open_file = handle.open_file
+
+        def work() -> int:
+            written = handle.write(offset, data)
+            open_file.dirty = True
+            return written
+
+        return work
 
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
         """Write all of ``data``, moving the file to another datadir if its own is full."""

@@ -18,8 +18,9 @@ The loop:
   time (the next write of a ``cp``) is answered without the daemon going to
   sleep and being woken — and then sleeps in ``poll(2)`` until a request
   comes or :meth:`RequestLoop.stop` is called;
-* holds ``lock`` while a handler runs, so that a config reload from another
-  thread never sees a request half done;
+* runs each handler in an exclusive section of ``lock`` (``requestlock.py``),
+  so that a config reload from another thread never sees a request half
+  done; only the ``pwrite`` of WRITE requests may overlap each other;
 * with FUSE over io_uring (``uring.py``), starts one queue thread per CPU
   right after INIT; the kernel then sends every request but forgets and
   interrupts to the queues, and this loop stops spinning: it takes forgets in
@@ -44,6 +45,7 @@ import time
 from fusestore import protocol as p
 from fusestore import uring
 from fusestore.fs import Operations
+from fusestore.requestlock import RequestLock
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,8 @@ class RequestLoop:
     ) -> None:
         self.operations = operations
         self.device = device
-        # Held while a handler runs; a config reload takes it too.
-        self.lock = threading.Lock()
+        # Requests take it exclusively (writes may overlap); so does a reload.
+        self.lock = RequestLock()
         self.busy_poll_seconds = busy_poll_us / 1e6
         self.debug = debug
         self._stopping = False
@@ -196,8 +198,14 @@ class RequestLoop:
         if handler is None:
             return errno.ENOSYS, b""
         try:
-            with self.lock:
-                payload = handler(nodeid, uid, gid, body)
+            payload = None
+            if opcode == p.WRITE:
+                # Beside other writes; any failure is done again exclusively.
+                with contextlib.suppress(OSError):
+                    payload = self.lock.overlapping(lambda: self.operations.start_write(body))
+            if payload is None:
+                with self.lock.exclusive():
+                    payload = handler(nodeid, uid, gid, body)
         except OSError as exc:
             code = exc.errno or errno.EIO
             if self.debug or code not in _QUIET_ERRNOS:

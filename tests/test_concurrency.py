@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -88,3 +89,45 @@ def test_sixteen_writers_and_readers_on_one_shared_file(pool: MountedPool) -> No
     assert len(data) == WORKERS * region
     for index in range(WORKERS):
         assert data[index * region : (index + 1) * region] == pattern(100 + index, region)
+
+
+def test_overwrites_in_flight_while_the_file_moves_are_kept(pool: MountedPool) -> None:
+    """Writes to one file overlap in the daemon; a move (its datadir filled
+    up) must wait for the writes in flight, or those landing in the old copy
+    after it was copied are lost."""
+    region = 2 * MiB
+    base = WORKERS * region // 2  # 16 MiB: fits the 24 MiB top datadir
+    pool.path("growing").write_bytes(bytes(base))
+    tail = pattern(999, 12 * MiB)  # pushes the file past the top datadir
+
+    def overwrite(index: int) -> None:
+        data = pattern(300 + index, region)
+        fd = os.open(pool.path("growing"), os.O_WRONLY)
+        try:
+            for offset in range(0, region, CHUNK):
+                os.pwrite(fd, data[offset : offset + CHUNK], index * region + offset)
+                time.sleep(0.0005)  # spread over the time of the move
+        finally:
+            os.close(fd)
+
+    def append() -> None:
+        fd = os.open(pool.path("growing"), os.O_WRONLY)
+        try:
+            for offset in range(0, len(tail), CHUNK):
+                os.pwrite(fd, tail[offset : offset + CHUNK], base + offset)
+        finally:
+            os.close(fd)
+
+    writers = WORKERS // 2
+    with ThreadPoolExecutor(max_workers=writers + 1) as executor:
+        futures = [executor.submit(overwrite, i) for i in range(writers)]
+        futures.append(executor.submit(append))
+        for future in futures:
+            future.result(timeout=90)
+    data = pool.path("growing").read_bytes()
+    assert len(data) == base + len(tail)
+    for index in range(writers):
+        assert data[index * region : (index + 1) * region] == pattern(300 + index, region), index
+    assert data[base:] == tail
+    rest = pool.datadirs[1]
+    assert pool.holders("growing") == [rest.path]

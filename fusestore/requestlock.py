@@ -1,0 +1,68 @@
+"""One request at a time through the pool, except writes, which may overlap.
+
+Why: with a queue thread per CPU (``uring.py``), two programs writing two
+images at once reach the daemon on two CPUs; if each ``pwrite`` of a 1 MiB
+request held the pool's lock, the second would wait for the first and the
+CPUs would take turns. A write changes no state of the pool (the open file,
+its descriptor and datadir stay as they are), so writes run beside each
+other, outside the lock; every other request, and anything that changes
+where a file lives (a move when a datadir fills, a publish, a config
+reload), is *exclusive*: it waits until no write is in flight, and writes
+wait while it does. Two writes to one file at once are the filesystem's to
+order, as on a local disk.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
+
+class RequestLock:
+    """Exclusive sections, and writes that overlap each other but nothing else."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._writes = 0  # running outside the lock
+        self._waiting = 0  # exclusive sections waiting for them to end
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the pool alone: no other section, no write in flight."""
+        with self._condition:
+            if self._writes:
+                self._waiting += 1
+                try:
+                    while self._writes:
+                        self._condition.wait()
+                finally:
+                    self._waiting -= 1
+                if not self._waiting:
+                    self._condition.notify_all()  # writes held back may go on after us
+            yield
+
+    def overlapping(self, prepare: Callable[[], Callable[[], _T] | None]) -> _T | None:
+        """Run ``prepare`` exclusively, then what it returns beside other writes.
+
+        ``prepare`` looks at the pool's state (which cannot change meanwhile)
+        and returns the work to do, or ``None`` when the request needs an
+        exclusive section after all; then this returns ``None`` too.
+        """
+        with self._condition:
+            while self._waiting:  # an exclusive section goes first
+                self._condition.wait()
+            work = prepare()
+            if work is None:
+                return None
+            self._writes += 1
+        try:
+            return work()
+        finally:
+            with self._condition:
+                self._writes -= 1
+                if not self._writes and self._waiting:
+                    self._condition.notify_all()
