@@ -228,7 +228,14 @@ class RequestLoop:
             return
         try:
             self.queues = [
-                uring.Queue(self.device, cpu, _QUEUE_DEPTH, MAX_WRITE, self._respond_or_empty)
+                uring.Queue(
+                    self.device,
+                    cpu,
+                    _QUEUE_DEPTH,
+                    MAX_WRITE,
+                    self._respond_or_empty,
+                    self._queue_failed,
+                )
                 for cpu in uring.possible_cpus()
             ]
         except OSError as exc:
@@ -241,6 +248,23 @@ class RequestLoop:
         # queues need.
         self.busy_poll_seconds = 0
         log.info("io_uring: %d queues of %d entries, one per CPU", len(self.queues), _QUEUE_DEPTH)
+
+    def _queue_failed(self) -> None:
+        """A queue stopped while mounted.
+
+        If the kernel was already sending requests to the queues, that CPU's
+        requests would never be answered: ending the daemon ends the mount's
+        connection, so programs get an error at once instead of waiting for
+        ever. If not (the kernel refused the queue's entries from the
+        start), it never will: requests stay on /dev/fuse.
+        """
+        if self._stopping:
+            return
+        if any(queue.served for queue in self.queues):
+            log.critical("an io_uring queue stopped: unmounting rather than leave requests hanging")
+            self.stop()
+        else:
+            log.error("io_uring could not be set up: requests stay on /dev/fuse")
 
     def _negotiate(self, body: memoryview) -> bytes:
         major, minor, max_readahead, flags, flags2 = p.INIT_IN.unpack_from(body)

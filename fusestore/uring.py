@@ -53,6 +53,9 @@ _CQE = struct.Struct("=QiI")  # user_data, res, flags
 
 CMD_REGISTER = 1
 CMD_COMMIT_AND_FETCH = 2
+# Completions that mean the mount is gone (unmounted, aborted, daemon ending).
+_MOUNT_GONE = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ENODEV})
+_RETRIES = 3  # of one entry's registration before it is given up
 
 # struct io_uring_params: 7 u32 + resv[3], then io_sqring_offsets and
 # io_cqring_offsets (8 u32 and a u64 each).
@@ -228,11 +231,21 @@ class Queue:
     """The thread that serves one CPU's queue."""
 
     def __init__(
-        self, device: int, qid: int, depth: int, payload_size: int, answer: Answer
+        self,
+        device: int,
+        qid: int,
+        depth: int,
+        payload_size: int,
+        answer: Answer,
+        on_failure: Callable[[], None],
     ) -> None:
         self.device = device
         self.qid = qid
         self.answer = answer
+        # Called if the queue stops while the mount is up: its CPU's requests
+        # would wait for ever.
+        self.on_failure = on_failure
+        self.served = False  # the kernel routes requests here only once every queue is set
         self.entries = [_Entry(payload_size) for _ in range(depth)]
         self.ring = _Ring(depth)
         self.thread = threading.Thread(target=self._run, name=f"io_uring queue {qid}", daemon=True)
@@ -254,28 +267,44 @@ class Queue:
                 os.sched_setaffinity(0, {self.qid})
             for index in range(len(self.entries)):
                 self._command(index, CMD_REGISTER, 0)
-            while True:
+            failures = [0] * len(self.entries)
+            live = len(self.entries)
+            while live:
                 self.ring.submit_and_wait()
                 for index, result in self.ring.completions():
                     if result == 0:
+                        failures[index] = 0
+                        self.served = True
                         self._serve(index)
-                    elif result in (-errno.EINTR, -errno.EAGAIN):
-                        self._command(index, CMD_REGISTER, 0)
-                    elif result in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ENODEV):
+                    elif result in _MOUNT_GONE:
                         log.debug("io_uring queue %d: the mount is gone", self.qid)
                         return
+                    elif result in (-errno.EINTR, -errno.EAGAIN) or failures[index] < _RETRIES:
+                        # A commit the kernel could not match (its request
+                        # ended meanwhile) loses the entry: register it anew.
+                        failures[index] += 1
+                        if result not in (-errno.EINTR, -errno.EAGAIN):
+                            log.warning(
+                                "io_uring queue %d: entry %d: %s; registering it again",
+                                self.qid,
+                                index,
+                                os.strerror(-result),
+                            )
+                        self._command(index, CMD_REGISTER, 0)
                     else:
+                        live -= 1
                         log.error(
-                            "io_uring queue %d: the kernel refused an entry: %s; "
-                            "requests stay on /dev/fuse",
+                            "io_uring queue %d: the kernel refuses entry %d: %s",
                             self.qid,
+                            index,
                             os.strerror(-result),
                         )
-                        return
+            log.error("io_uring queue %d has no entries left", self.qid)
         except Exception:
             log.exception("io_uring queue %d failed", self.qid)
         finally:
             self.ring.close()
+        self.on_failure()
 
     def _serve(self, index: int) -> None:
         entry = self.entries[index]
@@ -287,7 +316,11 @@ class Queue:
             start = _PAYLOAD - op_size
             memory[start:_PAYLOAD] = memory[_OP_IN : _OP_IN + op_size]
             body = entry.view[start : _PAYLOAD + payload_size]
-            code, reply = self.answer(opcode, unique, nodeid, uid, gid, body)
+            try:
+                code, reply = self.answer(opcode, unique, nodeid, uid, gid, body)
+            except Exception:  # the entry must be committed whatever happened
+                log.exception("io_uring queue %d: request %d failed", self.qid, unique)
+                code, reply = errno.EIO, b""
         else:
             log.error("io_uring: request %d has impossible sizes", unique)
             code, reply = errno.EIO, b""

@@ -6,6 +6,7 @@ import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,18 @@ def pool(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> MountedPool:
 def pattern(seed: int, size: int) -> bytes:
     block = hashlib.sha256(str(seed).encode()).digest() * (CHUNK // 32)
     return (block * (size // len(block) + 1))[:size]
+
+
+def pwrite_in_chunks(path: Path, data: bytes, start: int, pause: float = 0.0) -> None:
+    """Write ``data`` at ``start`` through a descriptor of its own, a chunk at a time."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for offset in range(0, len(data), CHUNK):
+            os.pwrite(fd, data[offset : offset + CHUNK], start + offset)
+            if pause:
+                time.sleep(pause)
+    finally:
+        os.close(fd)
 
 
 def test_sixteen_writers_and_readers_on_distinct_files(pool: MountedPool) -> None:
@@ -64,13 +77,7 @@ def test_sixteen_writers_and_readers_on_one_shared_file(pool: MountedPool) -> No
     pool.path("shared").write_bytes(b"")
 
     def write_region(index: int) -> None:
-        data = pattern(100 + index, region)
-        fd = os.open(pool.path("shared"), os.O_WRONLY)
-        try:
-            for offset in range(0, region, CHUNK):
-                os.pwrite(fd, data[offset : offset + CHUNK], index * region + offset)
-        finally:
-            os.close(fd)
+        pwrite_in_chunks(pool.path("shared"), pattern(100 + index, region), index * region)
 
     def read_regions(_: int) -> None:
         fd = os.open(pool.path("shared"), os.O_RDONLY)
@@ -101,22 +108,12 @@ def test_overwrites_in_flight_while_the_file_moves_are_kept(pool: MountedPool) -
     tail = pattern(999, 12 * MiB)  # pushes the file past the top datadir
 
     def overwrite(index: int) -> None:
+        # Paced, so that writes are in flight all through the move.
         data = pattern(300 + index, region)
-        fd = os.open(pool.path("growing"), os.O_WRONLY)
-        try:
-            for offset in range(0, region, CHUNK):
-                os.pwrite(fd, data[offset : offset + CHUNK], index * region + offset)
-                time.sleep(0.0005)  # spread over the time of the move
-        finally:
-            os.close(fd)
+        pwrite_in_chunks(pool.path("growing"), data, index * region, pause=0.0005)
 
     def append() -> None:
-        fd = os.open(pool.path("growing"), os.O_WRONLY)
-        try:
-            for offset in range(0, len(tail), CHUNK):
-                os.pwrite(fd, tail[offset : offset + CHUNK], base + offset)
-        finally:
-            os.close(fd)
+        pwrite_in_chunks(pool.path("growing"), tail, base)
 
     writers = WORKERS // 2
     with ThreadPoolExecutor(max_workers=writers + 1) as executor:
