@@ -156,6 +156,11 @@ def read_file(path: Path, block: int = MiB) -> int:
 
 
 def timed(action: Callable[[], object]) -> float:
+    # Write back what earlier runs left dirty first: the targets follow each
+    # other in the same cyclic order every repetition, and without this one
+    # target always paid for the writeback of the one before it (its `cp` out
+    # of the pool ran at half the speed of the same reads in the next column).
+    os.sync()
     started = time.perf_counter()
     action()
     return time.perf_counter() - started
@@ -191,6 +196,7 @@ def w_seq_read_warm(root: Path, sizes: Sizes) -> float:
 def _fio(root: Path, sizes: Sizes, mode: str, jobs: int) -> float:
     target = root / "fio.dat"
     write_file(target, sizes.fio_mib * MiB)
+    os.sync()  # as in timed(): no writeback of earlier runs during this one
     out = run(
         "fio",
         "--name=bench",
