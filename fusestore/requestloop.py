@@ -162,7 +162,9 @@ class RequestLoop:
                 raise
             idle_since = 0.0
             opcode = _OPCODE.unpack_from(buffer, 4)[0]
-            only_forgets = bool(self.queues) and opcode in _NOT_FOR_QUEUES
+            # Only once the kernel really uses the queues: if they could not
+            # be set up, requests keep coming this way and must not wait.
+            only_forgets = opcode in _NOT_FOR_QUEUES and any(q.served for q in self.queues)
             self._answer(view[:length])
 
     def _answer(self, request: memoryview) -> None:

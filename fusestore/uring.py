@@ -177,7 +177,8 @@ class _Ring:
         """Queue one SQE (the fields of ``_SQE``); :meth:`submit_and_wait` hands it over."""
         _SQE.pack_into(self.sqes, (self.tail & self.sq_mask) * _SQE_SIZE, *sqe)
         self.tail += 1
-        # x86 keeps stores in order: the kernel sees the SQE before the tail.
+        # No barrier needed: without SQPOLL the kernel reads the ring only in
+        # io_uring_enter, called by this same thread after these stores.
         self.sq_words[self.sq_tail] = self.tail & 0xFFFFFFFF
         self.pending += 1
 
