@@ -19,9 +19,24 @@ import pytest
 from fusestore import uring
 from tests.conftest import TRANSPORT, Datadir, MountFactory, TmpfsFactory, run_fusestore
 
+
+def _switch_writable() -> bool:
+    return uring.ENABLE_PARAMETER.exists() and os.access(uring.ENABLE_PARAMETER, os.W_OK)
+
+
+def _io_uring_usable() -> bool:
+    """The kernel has it, io_uring is allowed, and it is on or fusestore can switch it on."""
+    if not uring.ENABLE_PARAMETER.exists():
+        return False
+    disabled = Path("/proc/sys/kernel/io_uring_disabled")  # sysctl, Linux 6.6+
+    if disabled.exists() and disabled.read_text().strip() != "0":
+        return False
+    return uring.ENABLE_PARAMETER.read_text().strip() == "Y" or _switch_writable()
+
+
 needs_io_uring = pytest.mark.skipif(
-    not uring.ENABLE_PARAMETER.exists() or TRANSPORT == "devfuse",
-    reason="the kernel has no FUSE over io_uring, or this run is the /dev/fuse one",
+    not _io_uring_usable() or TRANSPORT == "devfuse",
+    reason="no FUSE over io_uring here (kernel, or its switch), or this is the /dev/fuse run",
 )
 
 
@@ -59,6 +74,7 @@ def test_requests_are_answered_by_the_queue_of_the_cpu_that_made_them(
 
 
 @needs_io_uring
+@pytest.mark.skipif(not _switch_writable(), reason="the kernel's switch cannot be written here")
 def test_the_kernel_switch_is_turned_on_when_off(
     tmpfs: TmpfsFactory, mount_pool: MountFactory
 ) -> None:
