@@ -390,16 +390,17 @@ class Operations:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
         return self._handles[fh].read(offset, size)
 
-    def write(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+    def _write_request(self, body: memoryview) -> tuple[Handle, int, memoryview]:
+        """A WRITE's handle, offset and data (fuse_write_in is laid out as fuse_read_in)."""
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
-        data = body[p.READ_IN.size : p.READ_IN.size + size]
-        return p.WRITE_OUT.pack(self.pool.write(self._handles[fh], offset, data), 0)
+        return self._handles[fh], offset, body[p.READ_IN.size : p.READ_IN.size + size]
+
+    def write(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        return p.WRITE_OUT.pack(self.pool.write(*self._write_request(body)), 0)
 
     def start_write(self, body: memoryview) -> Callable[[], bytes] | None:
         """A WRITE as work that may run beside other writes (see requestlock.py), or None."""
-        fh, offset, size, *_ = p.READ_IN.unpack_from(body)
-        data = body[p.READ_IN.size : p.READ_IN.size + size]
-        work = self.pool.start_write(self._handles[fh], offset, data)
+        work = self.pool.start_write(*self._write_request(body))
         if work is None:
             return None
         return lambda: p.WRITE_OUT.pack(work(), 0)
@@ -425,8 +426,7 @@ class Operations:
     # ------------------------------------------------------------- directory
 
     def opendir(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
-        if inode != ROOT_INODE:
-            raise OSError(errno.ENOTDIR, "the pool has no subdirectories")
+        self._only_root(inode)
         fh = next(self._next_fh)
         self._listings[fh] = None  # listed at the first readdir
         return p.OPEN_OUT.pack(fh, 0, 0)

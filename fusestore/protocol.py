@@ -127,6 +127,20 @@ def dirent_packer(name_length: int) -> Callable[..., bytes]:
 
 BACKING_MAP = struct.Struct("=iIQ")  # fd flags padding
 
+# FUSE over io_uring (uring.py): the commands of the SQE's command area
+# (struct fuse_uring_cmd_req: flags, commit_id, qid) and the ring entry's
+# header buffer, struct fuse_uring_req_header: in_out[128] (fuse_in_header
+# on the way in, fuse_out_header on the way out), op_in[128] (the request's
+# per-opcode struct), then ring_ent_in_out (flags, commit_id, payload_sz).
+URING_CMD_REGISTER = 1
+URING_CMD_COMMIT_AND_FETCH = 2
+URING_OP_IN = 128
+URING_ENT_IN_OUT = 256
+URING_ENT = struct.Struct("=QQI")  # flags commit_id payload_sz
+URING_PAYLOAD_SIZE = struct.Struct("=I")
+URING_PAYLOAD_SIZE_AT = URING_ENT_IN_OUT + 16
+URING_HEADER_SIZE = 288
+
 
 def split_name(body: memoryview) -> bytes:
     """A request's file name: the bytes up to the first NUL."""

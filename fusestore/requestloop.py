@@ -38,7 +38,6 @@ import errno
 import logging
 import os
 import select
-import struct
 import threading
 import time
 
@@ -59,7 +58,6 @@ _FORGET_BATCH_MS = 20
 _QUEUE_DEPTH = 4
 # What the kernel still sends through /dev/fuse once the io_uring queues run.
 _NOT_FOR_QUEUES = frozenset({p.FORGET, p.BATCH_FORGET, p.INTERRUPT})
-_OPCODE = struct.Struct("=I")
 # Expected errors that need no log line of their own.
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST})
 
@@ -161,32 +159,29 @@ class RequestLoop:
                     return
                 raise
             idle_since = 0.0
-            opcode = _OPCODE.unpack_from(buffer, 4)[0]
+            opcode = self._answer(view[:length])
             # Only once the kernel really uses the queues: if they could not
             # be set up, requests keep coming this way and must not wait.
             only_forgets = opcode in _NOT_FOR_QUEUES and any(q.served for q in self.queues)
-            self._answer(view[:length])
 
-    def _answer(self, request: memoryview) -> None:
+    def _answer(self, request: memoryview) -> int:
+        """Answer one request read from /dev/fuse; its opcode."""
         _, opcode, unique, nodeid, uid, gid, _, _, _ = p.IN_HEADER.unpack_from(request)
         body = request[p.IN_HEADER.size :]
         if opcode == p.INIT:
             self._reply(unique, self._negotiate(body))
             self._start_queues()
-            return
-        if opcode == p.DESTROY:
+        elif opcode == p.DESTROY:
             self._reply(unique, b"")
-            return
-        if opcode == p.INTERRUPT:
-            return  # interrupts need no answer: requests finish fast
-        outcome = self.respond(opcode, unique, nodeid, uid, gid, body)
-        if outcome is None:
-            return  # forget: no answer
-        code, payload = outcome
-        if code:
-            self._reply_error(unique, code)
-        else:
-            self._reply(unique, payload)
+        elif opcode != p.INTERRUPT:  # interrupts need no answer: requests finish fast
+            outcome = self.respond(opcode, unique, nodeid, uid, gid, body)
+            if outcome is not None:  # None: a forget, which has no answer
+                code, payload = outcome
+                if code:
+                    self._reply_error(unique, code)
+                else:
+                    self._reply(unique, payload)
+        return opcode
 
     def respond(
         self, opcode: int, unique: int, nodeid: int, uid: int, gid: int, body: memoryview

@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from fusestore import protocol as p
+
 log = logging.getLogger(__name__)
 
 ENABLE_PARAMETER = Path("/sys/module/fuse/parameters/enable_uring")
@@ -51,8 +53,6 @@ _OP_URING_CMD = 46
 _SQE_SIZE = 128
 _CQE = struct.Struct("=QiI")  # user_data, res, flags
 
-CMD_REGISTER = 1
-CMD_COMMIT_AND_FETCH = 2
 # Completions that mean the mount is gone (unmounted, aborted, daemon ending).
 _MOUNT_GONE = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ENODEV})
 _RETRIES = 3  # of one entry's registration before it is given up
@@ -66,15 +66,6 @@ _PARAMS = struct.Struct("=IIIIIII12xIIIIIIIIQIIIIIIIIQ")
 # commit_id, qid), zero-padded.
 _SQE = struct.Struct("=BBHiIIQIIQ8xQQH62x")
 
-# struct fuse_uring_req_header: in_out[128], op_in[128], ring_ent_in_out.
-_OP_IN = 128
-_ENT_IN_OUT = 256
-_ENT = struct.Struct("=QQI")  # flags, commit_id, payload_sz
-_PAYLOAD_SIZE = struct.Struct("=I")
-_IN_HEADER = struct.Struct("=IIQQII")  # the start of fuse_in_header
-_OUT_HEADER = struct.Struct("=IiQ")  # fuse_out_header
-_PAYLOAD_SIZE_AT = _ENT_IN_OUT + 16
-_HEADER_BYTES = 288
 # An entry's memory: the header, then (ending at _PAYLOAD) room to put the
 # per-opcode struct right before the payload, so that a handler sees one
 # contiguous body exactly as /dev/fuse delivers it.
@@ -146,7 +137,6 @@ class _Ring:
         sq_entries, cq_entries, _, _, _, features = fields[:6]
         sq = fields[7:16]
         cq = fields[16:25]
-        self.sq_entries = sq_entries
         sq_size = sq[6] + sq_entries * 4
         cq_size = cq[5] + cq_entries * _CQE.size
         prot = mmap.PROT_READ | mmap.PROT_WRITE
@@ -223,7 +213,7 @@ class _Entry:
         self.memory = mmap.mmap(-1, _PAYLOAD + payload_size)
         self.view = memoryview(self.memory)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
-        self.iovecs = (_Iovec * 2)((base, _HEADER_BYTES), (base + _PAYLOAD, payload_size))
+        self.iovecs = (_Iovec * 2)((base, p.URING_HEADER_SIZE), (base + _PAYLOAD, payload_size))
         self.address = ctypes.addressof(self.iovecs)
         self.payload_size = payload_size
 
@@ -256,7 +246,7 @@ class Queue:
 
     def _command(self, index: int, op: int, commit_id: int) -> None:
         entry = self.entries[index]
-        address, length = (entry.address, 2) if op == CMD_REGISTER else (0, 0)
+        address, length = (entry.address, 2) if op == p.URING_CMD_REGISTER else (0, 0)
         # user_data is the entry's index: the completion says which entry got a request.
         head = (_OP_URING_CMD, 0, 0, self.device, op, 0, address, length, 0, index)
         self.ring.push(*head, 0, commit_id, self.qid)
@@ -267,7 +257,7 @@ class Queue:
             if self.qid in os.sched_getaffinity(0):
                 os.sched_setaffinity(0, {self.qid})
             for index in range(len(self.entries)):
-                self._command(index, CMD_REGISTER, 0)
+                self._command(index, p.URING_CMD_REGISTER, 0)
             failures = [0] * len(self.entries)
             live = len(self.entries)
             while live:
@@ -291,7 +281,7 @@ class Queue:
                                 index,
                                 os.strerror(-result),
                             )
-                        self._command(index, CMD_REGISTER, 0)
+                        self._command(index, p.URING_CMD_REGISTER, 0)
                     else:
                         live -= 1
                         log.error(
@@ -310,12 +300,13 @@ class Queue:
     def _serve(self, index: int) -> None:
         entry = self.entries[index]
         memory = entry.memory
-        length, opcode, unique, nodeid, uid, gid = _IN_HEADER.unpack_from(memory, 0)
-        _, commit_id, payload_size = _ENT.unpack_from(memory, _ENT_IN_OUT)
-        op_size = length - 40 - payload_size
-        if 0 <= op_size <= _ENT_IN_OUT - _OP_IN and payload_size <= entry.payload_size:
+        length, opcode, unique, nodeid, uid, gid, *_ = p.IN_HEADER.unpack_from(memory, 0)
+        _, commit_id, payload_size = p.URING_ENT.unpack_from(memory, p.URING_ENT_IN_OUT)
+        op_size = length - p.IN_HEADER.size - payload_size
+        op_room = p.URING_ENT_IN_OUT - p.URING_OP_IN
+        if 0 <= op_size <= op_room and payload_size <= entry.payload_size:
             start = _PAYLOAD - op_size
-            memory[start:_PAYLOAD] = memory[_OP_IN : _OP_IN + op_size]
+            memory[start:_PAYLOAD] = memory[p.URING_OP_IN : p.URING_OP_IN + op_size]
             body = entry.view[start : _PAYLOAD + payload_size]
             try:
                 code, reply = self.answer(opcode, unique, nodeid, uid, gid, body)
@@ -331,6 +322,6 @@ class Queue:
             code, reply, size = errno.EIO, b"", 0
         if size:
             memory[_PAYLOAD : _PAYLOAD + size] = reply
-        _OUT_HEADER.pack_into(memory, 0, 16 + size, -code, unique)
-        _PAYLOAD_SIZE.pack_into(memory, _PAYLOAD_SIZE_AT, size)
-        self._command(index, CMD_COMMIT_AND_FETCH, commit_id)
+        p.OUT_HEADER.pack_into(memory, 0, p.OUT_HEADER.size + size, -code, unique)
+        p.URING_PAYLOAD_SIZE.pack_into(memory, p.URING_PAYLOAD_SIZE_AT, size)
+        self._command(index, p.URING_CMD_COMMIT_AND_FETCH, commit_id)
