@@ -36,11 +36,13 @@ import itertools
 import logging
 import os
 import stat
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fusestore import protocol as p
+from fusestore.dirents import PackedListing, PackedPart
 from fusestore.inodes import ROOT_INODE, InodeTable
 from fusestore.openfiles import Handle, OpenFile
 from fusestore.pool import Pool
@@ -59,9 +61,8 @@ NEGATIVE_TIMEOUT = 1
 # in one, instead of 128 KiB: each request has a fixed cost in the daemon.
 PREFERRED_IO_SIZE = 1024 * 1024
 
-# Directory entries the kernel may know without ever looking them up get a
-# number from this range: only names the kernel looks up hold a table entry.
-_LISTED_ONLY_INODES = 1 << 48
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 
 def _attr(inode: int, st: os.stat_result, nlink: int | None = None) -> bytes:
@@ -119,7 +120,7 @@ class Operations:
         self.inodes = InodeTable()
         self._handles: dict[int, Handle] = {}
         self._handle_inodes: dict[int, int] = {}
-        self._listings: dict[int, list[bytes] | None] = {}
+        self._listings: dict[int, PackedListing | None] = {}
         self._next_fh = itertools.count(1)
         # Set by the request loop once the kernel agreed to passthrough: the
         # /dev/fuse descriptor that registers backing files.
@@ -431,35 +432,27 @@ class Operations:
         self._listings[fh] = None  # listed at the first readdir
         return p.OPEN_OUT.pack(fh, 0, 0)
 
-    def readdir(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+    def readdir(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes | memoryview:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
-        entries = self._listings[fh]
-        if entries is None or offset == 0:
+        listing = self._listings[fh]
+        if listing is None or offset == 0:
             # One snapshot per opendir, taken when the reading starts: a large
             # listing is read in many chunks, and re-listing every datadir
             # for each chunk would be quadratic.
-            entries = self._listings[fh] = self._list_entries()
-        reply: list[bytes] = []
-        room = size
-        for index in range(offset, len(entries)):
-            entry = entries[index]
-            if len(entry) > room:
-                break
-            reply.append(entry)
-            room -= len(entry)
-        return b"".join(reply)
+            known = self._known_inodes()
+            first, rest = self.pool.list_names(lambda names, part: PackedPart(names, known, part))
+            listing = self._listings[fh] = PackedListing(first, rest)
+        return listing.chunk(offset, size)
 
-    def _list_entries(self) -> list[bytes]:
-        """The READDIR entries of every name, packed once: a listing of 100,000
-        names is read in a few hundred requests."""
-        known = self.inodes.known_inode
-        packer = p.dirent_packer
-        entries = []
-        for index, name in enumerate(self.pool.list_names(), start=1):
-            raw = os.fsencode(name)
-            inode = known(name) or _LISTED_ONLY_INODES + index
-            entries.append(packer(len(raw))(inode, index, len(raw), p.DT_REG, raw))
-        return entries
+    def _known_inodes(self) -> dict[bytes, int]:
+        """The inode numbers the kernel holds, by encoded name (a copy: parts of a
+        listing are packed on a worker thread while requests change the table)."""
+        named = self.inodes.named()
+        if not named:
+            return {}
+        # One encoding of all names joined: a fifth of encoding them one by one.
+        encoded = "\0".join(named).encode(_FS_ENCODING, _FS_ERRORS).split(b"\0")
+        return dict(zip(encoded, named.values(), strict=True))
 
     def releasedir(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         (fh, *_) = p.RELEASE_IN.unpack_from(body)

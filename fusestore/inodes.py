@@ -10,6 +10,8 @@ keeps its number after its name changes or goes away.
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
+from types import MappingProxyType
 
 ROOT_INODE = 1
 
@@ -37,6 +39,10 @@ class InodeTable:
     def known_inode(self, name: str) -> int | None:
         """The number of ``name`` if it has one, without allocating."""
         return self._inode_by_name.get(name)
+
+    def named(self) -> Mapping[str, int]:
+        """Every name that has a number, with its number (read-only)."""
+        return MappingProxyType(self._inode_by_name)
 
     def remember(self, name: str) -> int:
         """``inode_for`` plus one kernel lookup reference."""

@@ -8,9 +8,7 @@ little-endian on the machines fusestore runs on (native order is used).
 
 from __future__ import annotations
 
-import functools
 import struct
-from collections.abc import Callable
 
 KERNEL_MAJOR = 7
 
@@ -112,17 +110,6 @@ RENAME_IN = struct.Struct("=Q")
 RENAME2_IN = struct.Struct("=QII")
 KSTATFS = struct.Struct("=QQQQQIIII24x")
 DIRENT_HEAD = struct.Struct("=QQII")  # ino off namelen type, then the name padded to 8
-
-
-@functools.cache
-def dirent_packer(name_length: int) -> Callable[..., bytes]:
-    """``pack(ino, off, namelen, type, name)`` for names of ``name_length`` bytes.
-
-    One struct per name length packs a whole entry, zero padding included, in
-    one call: a third of the time of packing the head and adding the name.
-    """
-    padded = -(-(DIRENT_HEAD.size + name_length) // 8) * 8 - DIRENT_HEAD.size
-    return struct.Struct(f"=QQII{padded}s").pack
 
 
 BACKING_MAP = struct.Struct("=iIQ")  # fd flags padding

@@ -113,9 +113,61 @@ def test_readdir_of_100000_names(tmpfs: TmpfsFactory, mount_pool: MountFactory) 
     names = os.listdir(mounted.mountpoint)
     elapsed = time.monotonic() - started
     assert len(names) == 100_000
-    assert len(set(names)) == 100_000
+    assert set(names) == {f"{d}{i:06d}" for d in "ab" for i in range(50_000)}
     # Re-listing the datadirs per chunk would take minutes; a snapshot takes seconds.
     assert elapsed < 60, f"listing took {elapsed:.1f} s"
+
+
+def getdents_names(directory: Path, buffer_size: int) -> list[str]:
+    """Names as getdents64 returns them, read ``buffer_size`` bytes at a time."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(buffer_size)
+    names = []
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while (size := libc.getdents64(fd, buffer, buffer_size)) > 0:
+            data = buffer.raw[:size]
+            position = 0
+            while position < size:
+                length = int.from_bytes(data[position + 16 : position + 18], "little")
+                name = data[position + 19 : position + length].split(b"\0", 1)[0]
+                if name not in (b".", b".."):
+                    names.append(os.fsdecode(name))
+                position += length
+        assert size == 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+    return names
+
+
+def test_readdir_read_in_small_pieces_across_datadirs(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    a = Datadir(tmpfs("a", 16), 2)
+    b = Datadir(tmpfs("b", 16), 1)
+    expected = set()
+    for i in range(3000):
+        for datadir, prefix in ((a, "a"), (b, "b")):
+            (datadir.path / f"{prefix}-{i}").touch()
+            expected.add(f"{prefix}-{i}")
+    for i in range(0, 3000, 30):
+        (b.path / f"a-{i}").touch()  # duplicates are listed once
+    mounted = mount_pool([a, b])
+    # 4 KiB at a time: dozens of READDIR requests, resumed at every offset
+    # the kernel hands back, across the datadirs' parts of the listing.
+    names = getdents_names(mounted.mountpoint, 4096)
+    assert sorted(names) == sorted(expected)
+
+
+def test_listed_inode_numbers_are_those_of_stat(three: MountedPool) -> None:
+    top, middle, low = three.datadirs
+    for datadir, name in ((top, "top"), (middle, "middle"), (low, "low"), (low, "unlooked")):
+        put(datadir, name, b"x")
+    looked_up = {name: os.stat(three.path(name)).st_ino for name in ("top", "middle", "low")}
+    listed = {entry.name: entry.inode() for entry in os.scandir(three.mountpoint)}
+    assert sorted(listed) == ["low", "middle", "top", "unlooked"]
+    assert {name: listed[name] for name in looked_up} == looked_up
+    assert len(set(listed.values())) == 4
 
 
 def test_unlink_removes_every_copy(three: MountedPool) -> None:
