@@ -32,7 +32,7 @@ import itertools
 import struct
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 
@@ -60,12 +60,9 @@ def _entry_size(name_length: int) -> int:
 
 
 def _pack_run(
-    names: list[bytes], inodes: Iterable[int] | None, part: int, first_entry: int
+    names: list[bytes], known_inodes: Mapping[bytes, int], part: int, first_entry: int
 ) -> bytearray:
-    """The entries of ``names`` (all of one length) from position ``first_entry`` of ``part``.
-
-    ``inodes``: one number per name, or None for numbers of their own.
-    """
+    """The entries of ``names`` (all of one length) from position ``first_entry`` of ``part``."""
     count = len(names)
     name_length = len(names[0])
     entry_size = _entry_size(name_length)
@@ -83,11 +80,12 @@ def _pack_run(
     high = part << (POSITION_BITS - 32)
     halves[2 + low :: 2 * stride] = positions
     halves[3 - low :: 2 * stride] = array("I", [high]) * count
-    if inodes is None:
+    if known_inodes:
+        own = OWN_INODES + (high << 32) + first_entry + 1
+        words[0::stride] = array("Q", map(known_inodes.get, names, range(own, own + count)))
+    else:
         halves[low :: 2 * stride] = positions
         halves[1 - low :: 2 * stride] = array("I", [(OWN_INODES >> 32) + high]) * count
-    else:
-        words[0::stride] = array("Q", inodes)
     (length_and_type,) = struct.unpack("=Q", struct.pack("=II", name_length, p.DT_REG))
     words[2::stride] = array("Q", [length_and_type]) * count
     padding = bytes(name_room - name_length)
@@ -98,9 +96,8 @@ def _pack_run(
     return packed
 
 
-def _by_length(names: list[bytes] | set[bytes]) -> Iterator[list[bytes]]:
+def _by_length(names: list[bytes]) -> Iterator[list[bytes]]:
     """``names`` in runs of one length (sorting them only if there are several)."""
-    names = names if isinstance(names, list) else list(names)
     if len(set(map(len, names))) == 1:
         yield names
     elif names:
@@ -115,19 +112,15 @@ class PackedPart:
         """``known_inodes``: the inode numbers the kernel holds, by name."""
         if len(names) >= 1 << 32:
             raise ValueError(f"{len(names)} names are more than a part can number")
-        known = known_inodes.keys() & names if known_inodes else set()
-        unknown = list(itertools.filterfalse(known.__contains__, names)) if known else names
         runs: list[bytearray] = []
         self._runs: list[_Run] = []
         self.count = 0
         size = 0
-        for group, has_inodes in ((known, True), (unknown, False)):
-            for run in _by_length(group):
-                inodes = map(known_inodes.__getitem__, run) if has_inodes else None
-                runs.append(_pack_run(run, inodes, part, self.count))
-                self._runs.append(_Run(self.count, len(run), _entry_size(len(run[0])), size))
-                self.count += len(run)
-                size += len(runs[-1])
+        for run in _by_length(names):
+            runs.append(_pack_run(run, known_inodes, part, self.count))
+            self._runs.append(_Run(self.count, len(run), _entry_size(len(run[0])), size))
+            self.count += len(run)
+            size += len(runs[-1])
         self._packed = memoryview(runs[0] if len(runs) == 1 else b"".join(runs))
         self._run_starts = [run.first_entry for run in self._runs]
 

@@ -42,6 +42,7 @@ T = TypeVar("T")
 # Enough to list every datadir of a large pool at once; threads start only
 # when a listing needs them.
 _MAX_WORKERS = 8
+_LARGE_DIRECTORY = 64 << 10  # bytes of st_size: a few thousand entries
 _BUFFER_SIZE = 1 << 20
 # The first read of a directory is small: if its names turn out to be of too
 # many lengths, little of the kernel's work is thrown away.
@@ -221,6 +222,19 @@ def _names_in_run(view: memoryview, position: int, count: int, entry_size: int) 
     if len(names) != count:
         raise _Unexpected
     return names
+
+
+def is_large(path: str) -> bool:
+    """Whether reading ``path`` on a worker, beside other directories, pays.
+
+    A directory's size grows with its entries (tmpfs: 20 bytes each; ext4,
+    xfs: blocks of entries; btrfs: their names): a small one is read sooner
+    than a worker thread wakes up.
+    """
+    try:
+        return os.stat(path).st_size >= _LARGE_DIRECTORY
+    except OSError:
+        return False
 
 
 def regular_files_or_error(path: str) -> list[bytes] | OSError:

@@ -39,7 +39,7 @@ from fusestore.datadirs import (
     open_datadirs,
     start_private_area,
 )
-from fusestore.listing import DatadirLister, regular_files_or_error
+from fusestore.listing import DatadirLister, is_large, regular_files_or_error
 from fusestore.openfiles import Handle, OpenFile
 from fusestore.placement import DatadirSpace, choose_datadir, lookup_order
 from fusestore.private import PRIVATE_DIR, sync_directory
@@ -59,6 +59,9 @@ _BACKING_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_RDWR | _BACKING_FLAGS
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG)
 _COPY_CHUNK = 8 << 20
+# Fewer names than this after a listing's first part are packed at once on
+# the request thread: a worker thread is worth waking for large listings only.
+_NAMES_FOR_A_WORKER = 4096
 
 
 @dataclass(frozen=True)
@@ -209,22 +212,31 @@ class Pool:
         ``each(names, part)`` is called for each datadir's names in lookup
         order, then for the files being written. Returns ``each`` of the
         first datadir's names, made on this thread, and a queue of the
-        others, made on a worker thread and ended by None (or an exception),
-        so that a program reading a long listing starts on its beginning while
-        the rest is prepared. The datadirs after the first are read side by
-        side on workers; all are read before this returns, so that the
-        listing is one snapshot of what the request lock protects (a file
-        being moved shows in one datadir or the other).
+        others, ended by None (or an exception): for a large listing they
+        are made on a worker thread, so that the program reading it starts on
+        its beginning while the rest is prepared. Large datadirs after the
+        first are read side by side on workers. All are read before this
+        returns, so that the listing is one snapshot of what the request lock
+        protects (a file being moved shows in one datadir or the other).
         """
         paths = [datadir.path for datadir in self.datadirs]
-        others = [self._lister.submit(regular_files_or_error, path) for path in paths[1:]]
+        others = [
+            self._lister.submit(regular_files_or_error, path) if is_large(path) else path
+            for path in paths[1:]
+        ]
         being_written = [os.fsencode(name) for name, f in self._open_files.items() if f.new]
         first_names = self._usable(paths[0], regular_files_or_error(paths[0]))
         first = each(first_names, 0)
-        found = [other.result() for other in others]
+        found = [
+            regular_files_or_error(other) if isinstance(other, str) else other.result()
+            for other in others
+        ]
         parts = self._other_parts(paths, first_names, found, being_written)
         rest: SimpleQueue[T | BaseException | None] = SimpleQueue()
-        self._lister.submit(_each_part, each, parts, rest)
+        if sum(len(names) for names in found if isinstance(names, list)) < _NAMES_FOR_A_WORKER:
+            _each_part(each, parts, rest)  # waking a worker would cost more
+        else:
+            self._lister.submit(_each_part, each, parts, rest)
         return first, rest
 
     @staticmethod
