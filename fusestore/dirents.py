@@ -4,9 +4,10 @@ A listing is read in several READDIR requests (each as large as the kernel
 can take), each one starting after the last entry the kernel took: the
 entry's ``off``. So a listing is packed once, at the first request, and each
 request is a slice of it. It is packed in parts, one per datadir: the first
-part is answered as soon as it is ready, while a worker thread packs the
-others (``Pool.list_names``), so that the program reading the listing and
-the daemon preparing the rest of it work at the same time.
+part is answered as soon as it is ready, while (for a large listing) a
+worker thread packs the others (``Pool.list_names``), so that the program
+reading the listing and the daemon preparing the rest of it work at the
+same time.
 
 Packing entry by entry in Python (one ``struct.pack`` a name) costs more
 than listing the datadirs did, so names are packed a run at a time: every
