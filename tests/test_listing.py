@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,24 @@ def test_lister_workers_are_not_pinned_to_the_callers_cpu() -> None:
     finally:
         lister.stop()
     assert cpus == everywhere
+
+
+def dirent64(name: bytes, kind: int) -> bytes:
+    """One ``struct linux_dirent64`` as the kernel writes it (padding zeroed)."""
+    size = -(-(19 + len(name) + 1) // 8) * 8
+    head = struct.pack("=QqHB", 1234, 0, size, kind)
+    return head + name + bytes(size - len(head) - len(name))
+
+
+def test_entries_without_a_type_are_looked_at_with_lstat(tmpfs: TmpfsFactory) -> None:
+    # Filesystems that do not record types give DT_UNKNOWN (0) for every
+    # entry; tmpfs records them, so the read is written here as such a
+    # filesystem would return it, for names that really are in the directory.
+    directory = tmpfs("untyped", 4)
+    touch(directory, "image")
+    (directory / "subdir").mkdir()
+    (directory / "link").symlink_to(directory / "image")
+    read = b"".join(dirent64(name, 0) for name in (b"image", b"subdir", b"link", b"gone"))
+    with pytest.raises(listing._Unexpected):
+        taken_apart(read)
+    assert taken_apart(read, directory) == [b"image"]
