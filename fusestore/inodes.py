@@ -36,10 +36,6 @@ class InodeTable:
             self._lookups[inode] = 0
         return inode
 
-    def known_inode(self, name: str) -> int | None:
-        """The number of ``name`` if it has one, without allocating."""
-        return self._inode_by_name.get(name)
-
     def named(self) -> Mapping[str, int]:
         """Every name that has a number, with its number (read-only)."""
         return MappingProxyType(self._inode_by_name)

@@ -220,16 +220,17 @@ class Pool:
         protects (a file being moved shows in one datadir or the other).
         """
         paths = [datadir.path for datadir in self.datadirs]
-        others = [
-            self._lister.submit(regular_files_or_error, path) if is_large(path) else path
+        on_workers = {
+            path: self._lister.submit(regular_files_or_error, path)
             for path in paths[1:]
-        ]
+            if is_large(path)
+        }
         being_written = [os.fsencode(name) for name, f in self._open_files.items() if f.new]
         first_names = self._usable(paths[0], regular_files_or_error(paths[0]))
         first = each(first_names, 0)
         found = [
-            regular_files_or_error(other) if isinstance(other, str) else other.result()
-            for other in others
+            on_workers[path].result() if path in on_workers else regular_files_or_error(path)
+            for path in paths[1:]
         ]
         parts = self._other_parts(paths, first_names, found, being_written)
         rest: SimpleQueue[T | BaseException | None] = SimpleQueue()
