@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from fusestore.config import ConfigError, DatadirSpec, parse_datadir_spec
+from fusestore.config import ConfigError, DatadirSpec, parse_datadir_spec, split_list
 from fusestore.placement import lookup_order
 from fusestore.private import PRIVATE_DIR, PrivateArea
 from fusestore.settings import resolve
@@ -50,7 +50,7 @@ def datadirs_of(target: str) -> list[DatadirSpec]:
             raise ConfigError(str(exc)) from exc
         specs = [DatadirSpec(row["path"], row["priority"]) for row in report["datadirs"]]
     else:
-        specs = [parse_datadir_spec(spec) for spec in target.split(",") if spec]
+        specs = [parse_datadir_spec(spec, os.getcwd()) for spec in split_list(target)]
     if not specs:
         raise ConfigError(f"no datadirs in {target!r}")
     for spec in specs:

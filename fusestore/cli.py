@@ -22,8 +22,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from fusestore import __version__
-from fusestore.config import ConfigError, parse_size
-from fusestore.settings import DEFAULT_BUSY_POLL_US, resolve, split_mount_options
+from fusestore.config import (
+    ConfigError,
+    absolute_spec,
+    escape_list_item,
+    parse_datadir_spec,
+    parse_size,
+    split_list,
+)
+from fusestore.selfmount import refuse_own_mountpoint
+from fusestore.settings import DEFAULT_BUSY_POLL_US, Settings, resolve, split_mount_options
 
 log = logging.getLogger("fusestore")
 
@@ -42,6 +50,12 @@ the file.
 settings have one name everywhere: in the config file (min_free_space = "4G"),
 as -o min_free_space=4G and as --min-free-space 4G. The command line and -o
 override the file; a datadir list given here replaces the file's.
+
+paths: relative ones are taken from the current directory on this command
+line, from the config file's own directory in a config file, and refused in
+mount(8)'s SOURCE and -o (mount(8) runs fusestore from any directory). In a
+datadir list a comma separates datadirs; write a comma inside a path as \\,
+A datadir may not be the mountpoint, lie below it or contain it.
 
 examples:
   fusestore mount --datadirs /srv/fast:200 --datadirs /srv/big:100 /var/lib/images
@@ -72,7 +86,8 @@ def _add_mount_parser(commands: Any) -> None:
     source.add_argument(
         "--source",
         metavar="SOURCE",
-        help="what mount(8) passes: a config file, or datadirs as PATH[:PRIORITY][,...]",
+        help="what mount(8) passes: a config file, or datadirs as PATH[:PRIORITY][,...] "
+        "(absolute paths; \\, for a comma inside one); shown as the mount's source",
     )
     source.add_argument("--datadir", metavar="PATH", help="a single datadir; created if missing")
     source.add_argument(
@@ -204,31 +219,69 @@ def _setup_logging(debug: bool, log_file: str | None, background: bool) -> None:
 
 
 def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
-    """The config file to read (if any) and everything that overrides it."""
+    """The config file to read (if any) and everything that overrides it.
+
+    Paths typed on the command line are taken relative to the current
+    directory; mount(8)'s SOURCE and ``-o`` must give absolute ones.
+    """
     overrides, fuse_options = split_mount_options(args.mount_options)
-    config_file = args.config
-    if args.source is not None:
+    config_file = None if args.config is None else os.path.abspath(args.config)
+    if args.source is not None and not os.path.isabs(args.source):
+        if not ({"datadir", "datadirs"} & overrides.keys()):
+            raise ConfigError(
+                f"mount source {args.source!r} is a relative path; mount(8), fstab and "
+                "systemd run fusestore from any directory, so give absolute paths"
+            )
+        # With -o datadirs=..., SOURCE is only a label, such as fstab's "none".
+    elif args.source is not None:
         if os.path.isfile(args.source):
             config_file = config_file or args.source
         else:
-            overrides["datadirs"] = [spec for spec in args.source.split(",") if spec]
-    for key in (
-        "datadir",
-        "metadata_file",
-        "log_file",
-        "no_sync",
-        "busy_poll",
-        "no_io_uring",
-        "debug",
-    ):
+            specs = split_list(args.source)
+            for spec in specs:
+                parse_datadir_spec(spec)  # refuses a relative path (``/srv/c,d``)
+            overrides["datadirs"] = specs
+    for key in ("metadata_file", "log_file", "datadir"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = os.path.abspath(value) if value else value  # "" stays an error
+    for key in ("no_sync", "busy_poll", "no_io_uring", "debug"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.datadirs:
-        overrides["datadirs"] = args.datadirs
+        overrides["datadirs"] = [absolute_spec(spec, os.getcwd()) for spec in args.datadirs]
     if args.min_free_space is not None:
         overrides["min_free_space"] = parse_size(args.min_free_space)
     overrides["options"] = fuse_options
     return config_file, overrides
+
+
+def _fsname(args: argparse.Namespace, settings: Settings) -> str:
+    """What ``mount`` and ``df`` show as the pool's source.
+
+    mount(8)'s own SOURCE when there is one (so that ``mount -a`` and
+    ``findmnt`` match it with fstab), else the config file, else the datadir
+    list: never a bare word, which mount helpers would take for a path in
+    their working directory.
+    """
+    if args.source is not None:
+        return args.source
+    config = settings.pool_config()
+    if settings.config_file and not (args.datadir or args.datadirs):
+        return settings.config_file
+    return ",".join(escape_list_item(f"{d.path}:{d.priority}") for d in config.datadirs)
+
+
+def _check_outside_mountpoint(mountpoint: str, settings: Settings) -> None:
+    refuse_own_mountpoint(
+        mountpoint,
+        settings.pool_config().datadirs,
+        {
+            "config file": settings.config_file,
+            "metadata file": settings.metadata_file,
+            "log file": settings.log_file,
+        },
+    )
 
 
 def _mount(args: argparse.Namespace) -> int:
@@ -236,13 +289,17 @@ def _mount(args: argparse.Namespace) -> int:
     from fusestore.daemon import MountError, fork_and_wait_until_ready, serve
     from fusestore.pool import Pool
 
-    mountpoint = os.path.abspath(args.mountpoint)
+    # Resolved now, before it is mounted: afterwards, looking at it would ask
+    # this very daemon (see selfmount.py).
+    mountpoint = os.path.realpath(args.mountpoint)
     try:
         config_file, overrides = _mount_settings(args)
         settings = resolve(config_file, overrides)
-        metadata = settings.metadata()
         if not os.path.isdir(mountpoint):
             raise ConfigError(f"mountpoint {args.mountpoint!r} is not an existing directory")
+        _check_outside_mountpoint(mountpoint, settings)
+        metadata = settings.metadata()
+        fsname = _fsname(args, settings)
         pool = Pool(settings.pool_config())
     except ConfigError as exc:
         print(f"fusestore: {exc}", file=sys.stderr)
@@ -252,6 +309,7 @@ def _mount(args: argparse.Namespace) -> int:
     def reload() -> None:
         try:
             fresh = resolve(config_file, overrides)
+            _check_outside_mountpoint(mountpoint, fresh)
             fresh.metadata()
             pool.reconfigure(fresh.pool_config())
         except ConfigError as exc:
@@ -277,6 +335,7 @@ def _mount(args: argparse.Namespace) -> int:
             reload if config_file else None,
             about,
             io_uring=not settings.no_io_uring,
+            fsname=fsname,
         )
     except MountError as exc:
         log.error("%s", exc)

@@ -40,12 +40,16 @@ class PoolConfig:
     sync: bool = True  # fsync a new file and its directory entry before publishing it
 
 
-def parse_datadir_spec(spec: str) -> DatadirSpec:
+def parse_datadir_spec(spec: str, base: str | None = None) -> DatadirSpec:
     """Parse Glance's ``PATH[:PRIORITY]``: the last colon starts the priority.
 
     Like Glance's ``filesystem_store_datadirs``, a spec without a colon has
     priority 0. A path that itself contains a colon must therefore be given
     with an explicit priority (``/srv/a:b:0``).
+
+    A relative path is taken relative to ``base``; without a base it is an
+    error, because mount(8), fstab and systemd start fusestore from any
+    directory, and a relative datadir would silently be made wherever that is.
     """
     path, sep, priority_text = spec.rpartition(":")
     if not sep:
@@ -56,7 +60,53 @@ def parse_datadir_spec(spec: str) -> DatadirSpec:
         raise ConfigError(
             f"datadir {spec!r}: priority {priority_text!r} is not a non-negative integer"
         )
-    return DatadirSpec(path=os.path.abspath(path), priority=int(priority_text))
+    if not os.path.isabs(path):
+        if base is None:
+            raise ConfigError(
+                f"datadir {spec!r}: relative path; mount(8), fstab and systemd run "
+                "fusestore from any directory, so give an absolute path"
+            )
+        path = os.path.join(base, path)
+    return DatadirSpec(path=os.path.normpath(path), priority=int(priority_text))
+
+
+def absolute_spec(spec: str, base: str) -> str:
+    """``spec`` with a relative path made absolute against ``base`` (priority kept)."""
+    parsed = parse_datadir_spec(spec, base)
+    return f"{parsed.path}:{parsed.priority}"
+
+
+def split_list(text: str) -> list[str]:
+    """Split a comma-separated list where ``\\,`` is a comma and ``\\\\`` a backslash.
+
+    mount(8) passes its SOURCE and ``-o`` options to fusestore as they are
+    written (fstab turns only octal escapes such as ``\\040`` into characters),
+    so a backslash before a comma is the one way to put a comma in a datadir
+    path there. Empty items are dropped.
+    """
+    items: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if escaped:
+        current.append("\\")
+    items.append("".join(current))
+    return [item for item in items if item]
+
+
+def escape_list_item(item: str) -> str:
+    """The inverse of :func:`split_list` for one item."""
+    return item.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def parse_size(text: str) -> int:
@@ -82,7 +132,7 @@ def build_pool_config(
     if datadir is not None:
         if not datadir:
             raise ConfigError("datadir '': empty path")
-        specs = [DatadirSpec(path=os.path.abspath(datadir))]
+        specs = [parse_datadir_spec(f"{datadir}:0")]
     else:
         specs = [parse_datadir_spec(spec) for spec in datadirs or ()]
     seen: set[str] = set()

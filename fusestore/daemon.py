@@ -28,7 +28,21 @@ from fusestore.requestloop import RequestLoop, fuse_device_fd
 
 log = logging.getLogger(__name__)
 
-MOUNT_OPTIONS = frozenset({"fsname=fusestore", "subtype=fusestore", "default_permissions"})
+MOUNT_OPTIONS = frozenset({"subtype=fusestore", "default_permissions"})
+
+
+def libfuse_options(options: Iterable[str], fsname: str) -> set[str]:
+    """``options`` as libfuse's option parser reads them, with ``fsname=`` added
+    unless there is one.
+
+    libfuse splits each option at commas unless escaped with a backslash;
+    pyfuse3 passes options as ASCII, so anything else in the fsname becomes ``?``.
+    """
+    chosen = set(options)
+    if not any(option.startswith("fsname=") for option in chosen):
+        printable = "".join(c if c.isascii() and c.isprintable() else "?" for c in fsname)
+        chosen.add(f"fsname={printable}")
+    return {option.replace("\\", "\\\\").replace(",", "\\,") for option in chosen}
 
 
 class MountError(RuntimeError):
@@ -45,12 +59,14 @@ def serve(
     reload: Callable[[], None] | None = None,
     about: dict[str, Any] | None = None,
     io_uring: bool = True,
+    fsname: str = "fusestore",
 ) -> None:
     """Mount the pool and serve it until unmounted or signalled (SIGTERM, SIGINT).
 
     ``on_ready`` runs, and systemd hears READY=1, once the mount has answered
     a request. SIGHUP calls ``reload``. With ``io_uring``, requests go through
-    FUSE over io_uring where the kernel has it (``uring.py``).
+    FUSE over io_uring where the kernel has it (``uring.py``). ``fsname`` is
+    the source ``mount`` shows, unless ``fuse_options`` has an ``fsname=``.
     """
     pool.start()
     if io_uring:
@@ -59,7 +75,7 @@ def serve(
     # Before mounting: resolving the mountpoint's path afterwards would ask
     # this very daemon, which is not serving requests yet.
     server, server_path = status.listen(mountpoint)
-    options = set(MOUNT_OPTIONS) | set(fuse_options)
+    options = libfuse_options([*MOUNT_OPTIONS, *fuse_options], fsname)
     try:
         # pyfuse3 (libfuse) only mounts: fusestore answers the requests itself
         # (requestloop.py), so pyfuse3 never calls these operations.

@@ -106,17 +106,43 @@ def _by_length(names: list[bytes]) -> Iterator[list[bytes]]:
             yield list(same_length)
 
 
+def _dots(part: int, directory_inode: int) -> bytearray:
+    """The entries ``.`` and ``..``, at positions 1 and 2 of ``part``."""
+    packed = bytearray()
+    for position, name in enumerate((b".", b".."), start=1):
+        head = p.DIRENT_HEAD.pack(
+            directory_inode, part << POSITION_BITS | position, len(name), p.DT_DIR
+        )
+        packed += head + name.ljust(_entry_size(len(name)) - len(head), b"\0")
+    return packed
+
+
 class PackedPart:
     """The READDIR entries of one part of a listing (names of regular files)."""
 
-    def __init__(self, names: list[bytes], known_inodes: Mapping[bytes, int], part: int) -> None:
-        """``known_inodes``: the inode numbers the kernel holds, by name."""
+    def __init__(
+        self,
+        names: list[bytes],
+        known_inodes: Mapping[bytes, int],
+        part: int,
+        dots_inode: int | None = None,
+    ) -> None:
+        """``known_inodes``: the inode numbers the kernel holds, by name.
+
+        With ``dots_inode`` (the first part of a listing), the part starts
+        with ``.`` and ``..``, both of that inode: the pool's root is the only
+        directory, and what lies above the mount is the kernel's business.
+        """
         if len(names) >= 1 << 32:
             raise ValueError(f"{len(names)} names are more than a part can number")
         runs: list[bytearray] = []
         self._runs: list[_Run] = []
         self.count = 0
         size = 0
+        if dots_inode is not None:
+            runs.append(_dots(part, dots_inode))
+            self._runs.append(_Run(0, 2, _entry_size(2), 0))
+            self.count, size = 2, len(runs[0])
         for run in _by_length(names):
             runs.append(_pack_run(run, known_inodes, part, self.count))
             self._runs.append(_Run(self.count, len(run), _entry_size(len(run[0])), size))

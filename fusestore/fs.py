@@ -10,12 +10,12 @@ How an open file's bytes travel (``open``): with FUSE passthrough (Linux 6.9+,
 root), a read-only open of a file nobody is writing is handed to the kernel,
 which then reads the backing file itself, as fast as the disk; every other
 open is ``direct_io``: its reads and writes come to the pool, which moves a
-file whose datadir fills up (DESIGN.md), and no page cache of the mount can go
-stale. The kernel fails (EIO) an open that is not in passthrough while the
-file is open in passthrough, and wants one backing file per file: so a
-writer that opens a file being read joins its passthrough (registered
-read-write for that reason) and writes straight to the datadir, without the
-move on a full datadir. Without passthrough, opens use the page cache.
+file whose datadir fills up (README, "How it behaves": *Spill-over*), and no
+page cache of the mount can go stale. The kernel fails (EIO) an open that is
+not in passthrough while the file is open in passthrough, and wants one
+backing file per file: so a writer that opens a file being read joins its
+passthrough (registered read-write for that reason) and writes straight to
+the datadir, without the move on a full datadir. Without passthrough, opens use the page cache.
 
 Extended attributes are not implemented (ENOSYS): the kernel then stops
 asking, where it would otherwise ask ``getxattr`` for ``security.capability``
@@ -45,7 +45,7 @@ from fusestore import protocol as p
 from fusestore.dirents import PackedListing, PackedPart
 from fusestore.inodes import ROOT_INODE, InodeTable
 from fusestore.openfiles import Handle, OpenFile
-from fusestore.pool import Pool
+from fusestore.pool import NAME_MAX, Pool
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,21 @@ _NO_SUCH_ENTRY = p.ENTRY_OUT_HEAD.pack(0, 0, NEGATIVE_TIMEOUT, 0, 0, 0) + bytes(
 
 
 def _name(raw: bytes) -> str:
+    """A request's name, refused at once if no filesystem could hold it.
+
+    The kernel does not check the length of names for FUSE; a longer name
+    would otherwise reach the datadirs and fail there, late and noisily.
+    (New names are checked against the datadirs' own limit by the pool.)
+    """
+    if len(raw) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"a name of {len(raw)} bytes (at most {NAME_MAX})")
     return os.fsdecode(raw)
+
+
+# Where the new entry's name starts in the requests the pool refuses: after
+# fuse_mkdir_in (mode, umask), fuse_mknod_in (mode, rdev, umask, padding),
+# fuse_link_in (the old inode); a symlink's name comes first, then its target.
+_NAME_OFFSETS = {p.MKDIR: 8, p.MKNOD: 16, p.LINK: 8, p.SYMLINK: 0}
 
 
 @dataclass(eq=False)
@@ -122,6 +136,8 @@ class Operations:
         self._handle_inodes: dict[int, int] = {}
         self._listings: dict[int, PackedListing | None] = {}
         self._next_fh = itertools.count(1)
+        # Set by the request loop: the /dev/fuse descriptor, for notifications.
+        self.device: int | None = None
         # Set by the request loop once the kernel agreed to passthrough: the
         # /dev/fuse descriptor that registers backing files.
         self.passthrough_device: int | None = None
@@ -137,10 +153,7 @@ class Operations:
             p.RENAME: self.rename,
             p.RENAME2: self.rename2,
             p.RMDIR: self.rmdir,
-            p.MKDIR: self.not_permitted,
-            p.SYMLINK: self.not_permitted,
-            p.LINK: self.not_permitted,
-            p.MKNOD: self.not_permitted,
+            **{opcode: self._refusal(offset) for opcode, offset in _NAME_OFFSETS.items()},
             p.OPEN: self.open,
             p.CREATE: self.create,
             p.READ: self.read,
@@ -367,8 +380,16 @@ class Operations:
         self.pool.locate(_name(p.split_name(body)))
         raise OSError(errno.ENOTDIR, "the pool holds only files")
 
-    def not_permitted(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
-        raise OSError(errno.EPERM, "the pool holds only regular files")
+    @staticmethod
+    def _refusal(name_offset: int) -> Callable[[int, int, int, memoryview], bytes]:
+        """The handler of a request for a directory, link or special file: EPERM,
+        after ENAMETOOLONG for a name that could not exist anyway."""
+
+        def refuse(parent: int, uid: int, gid: int, body: memoryview) -> bytes:
+            _name(p.split_name(body[name_offset:]))
+            raise OSError(errno.EPERM, "the pool holds only regular files")
+
+        return refuse
 
     # ------------------------------------------------------------ open files
 
@@ -391,20 +412,41 @@ class Operations:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
         return self._handles[fh].read(offset, size)
 
-    def _write_request(self, body: memoryview) -> tuple[Handle, int, memoryview]:
-        """A WRITE's handle, offset and data (fuse_write_in is laid out as fuse_read_in)."""
-        fh, offset, size, *_ = p.READ_IN.unpack_from(body)
-        return self._handles[fh], offset, body[p.READ_IN.size : p.READ_IN.size + size]
-
     def write(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
-        return p.WRITE_OUT.pack(self.pool.write(*self._write_request(body)), 0)
+        handle, offset, data = self._write_request(inode, body)
+        return p.WRITE_OUT.pack(self.pool.write(handle, offset, data), 0)
 
-    def start_write(self, body: memoryview) -> Callable[[], bytes] | None:
+    def start_write(self, inode: int, body: memoryview) -> Callable[[], bytes] | None:
         """A WRITE as work that may run beside other writes (see requestlock.py), or None."""
-        work = self.pool.start_write(*self._write_request(body))
+        work = self.pool.start_write(*self._write_request(inode, body))
         if work is None:
             return None
         return lambda: p.WRITE_OUT.pack(work(), 0)
+
+    def _write_request(self, inode: int, body: memoryview) -> tuple[Handle, int, memoryview]:
+        """A WRITE's handle, offset and data (fuse_write_in is laid out as fuse_read_in).
+
+        A writer without CAP_FSETID first loses the file's setuid and setgid
+        bits, as on a local filesystem (the kernel leaves that to the server
+        on direct_io writes; the daemon itself writes as root).
+        """
+        fh, offset, size, write_flags, *_ = p.READ_IN.unpack_from(body)
+        handle = self._handles[fh]
+        if write_flags & p.WRITE_KILL_SUIDGID and handle.drop_set_id_bits():
+            self._invalidate_attributes(inode)
+        return handle, offset, body[p.READ_IN.size : p.READ_IN.size + size]
+
+    def _invalidate_attributes(self, inode: int) -> None:
+        """Tell the kernel to forget the attributes it caches for ``inode``
+        (a change it did not ask for, such as a mode, would show late)."""
+        if self.device is None:
+            return
+        payload = p.NOTIFY_INVAL_INODE_OUT.pack(inode, -1, 0)
+        header = p.OUT_HEADER.pack(p.OUT_HEADER.size + len(payload), p.NOTIFY_INVAL_INODE, 0)
+        try:
+            os.writev(self.device, [header, payload])
+        except OSError as exc:
+            log.warning("cannot tell the kernel that inode %d changed: %s", inode, exc)
 
     def flush(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         (fh, *_) = p.FLUSH_IN.unpack_from(body)
@@ -440,7 +482,11 @@ class Operations:
             # listing is read in many chunks, and re-listing every datadir
             # for each chunk would be quadratic.
             known = self._known_inodes()
-            first, rest = self.pool.list_names(lambda names, part: PackedPart(names, known, part))
+            first, rest = self.pool.list_names(
+                lambda names, part: PackedPart(
+                    names, known, part, dots_inode=ROOT_INODE if part == 0 else None
+                )
+            )
             listing = self._listings[fh] = PackedListing(first, rest)
         return listing.chunk(offset, size)
 

@@ -13,6 +13,7 @@ the number), without the FUSE layer noticing.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 
@@ -72,6 +73,22 @@ class Handle:
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
         return done
+
+    def drop_set_id_bits(self) -> bool:
+        """Clear setuid, and setgid where the group may execute, as a local
+        filesystem does when someone without CAP_FSETID writes; whether the
+        mode changed.
+
+        The daemon writes as root, so the backing filesystem would keep them.
+        """
+        mode = os.fstat(self.fd).st_mode
+        kept = mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            kept &= ~stat.S_ISGID
+        if kept == mode:
+            return False
+        os.fchmod(self.fd, stat.S_IMODE(kept))
+        return True
 
     def fsync(self, datasync: bool) -> None:
         if datasync:

@@ -6,17 +6,19 @@ the errno the caller should see. The datadirs are the only state; nothing is
 cached about files that are not open, so programs that change the datadirs
 directly are seen at the next request.
 
-Namespace (DESIGN.md "The namespace"): only regular files are part of the
-pool and symlinks are never followed; a name is served by the first datadir in
-priority order that holds it; ``unlink`` removes every copy; ``rename``
-renames every copy and removes the target's copies elsewhere.
+Namespace (README, "How it behaves": *One flat directory*): only regular
+files are part of the pool and symlinks are never followed; a name is served
+by the first datadir in priority order that holds it; ``unlink`` removes
+every copy; ``rename`` renames every copy and removes the target's copies
+elsewhere.
 
-Writing (DESIGN.md "Writing safely"): a new file is written under a hidden
-name in its datadir's private area and published under its name (fsync, then
-``link``, which never replaces) when its last handle closes. A write that
-finds its datadir full moves the file, bytes and handles, to the best other
-datadir and goes on there. A new file whose write failed for another reason
-is removed at close, as Glance's driver does.
+Writing (README, "How it behaves": *Crash-safe publication*, *Spill-over*): a
+new file is written under a hidden name in its datadir's private area and
+published under its name (fsync, then ``link``, which never replaces) when
+its last handle closes. A write that finds its datadir full moves the file,
+bytes and handles, to the best other datadir and goes on there. A new file
+whose write failed for another reason is removed at close, as Glance's
+driver does.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ _CALLER_ONLY_FLAGS = (
 _BACKING_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_RDWR | _BACKING_FLAGS
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG)
+# The longest file name Linux has (bytes): the kernel does not check names for
+# FUSE, so the pool must.
+NAME_MAX = 255
 _COPY_CHUNK = 8 << 20
 # Fewer names than this after a listing's first part are packed at once on
 # the request thread: a worker thread is worth waking for large listings only.
@@ -90,9 +95,19 @@ def _fail(code: int, message: str) -> OSError:
     return OSError(code, f"{os.strerror(code)}: {message}")
 
 
-def _check_name(name: str) -> None:
-    if name == PRIVATE_DIR:
-        raise _fail(errno.EPERM, f"{name!r} is reserved for fusestore's private area")
+def name_limit(paths: list[str]) -> int:
+    """The longest name (in bytes) every one of ``paths``' filesystems can hold.
+
+    A new file must be publishable in whichever datadir it lands or is moved
+    to, so the smallest ``f_namemax`` counts.
+    """
+    limits = []
+    for path in paths:
+        try:
+            limits.append(os.statvfs(path).f_namemax)
+        except OSError:
+            continue  # a datadir that is not there now is checked when it is used
+    return min([NAME_MAX, *limits])
 
 
 def _copy_bytes(source_fd: int, target_fd: int, size: int) -> None:
@@ -135,6 +150,7 @@ class Pool:
         self.sync = config.sync
         self._open_files: dict[str, OpenFile] = {}
         self._lister = DatadirLister()
+        self.name_max = name_limit([datadir.path for datadir in self.datadirs])
 
     def start(self) -> None:
         """Mark the datadirs and sweep the leftovers of writers that crashed."""
@@ -161,12 +177,24 @@ class Pool:
         self._datadir_by_path = {datadir.path: datadir for datadir in self.datadirs}
         self.min_free_space = config.min_free_space
         self.sync = config.sync
+        self.name_max = name_limit([datadir.path for datadir in self.datadirs])
         mark_and_sweep(self.datadirs)
 
     def stop(self) -> None:
         self._lister.stop()
         for datadir in self.datadirs:
             datadir.private.stop()
+
+    def check_new_name(self, name: str) -> None:
+        """Refuse a name the pool could not publish: before any byte is written."""
+        if name == PRIVATE_DIR:
+            raise _fail(errno.EPERM, f"{name!r} is reserved for fusestore's private area")
+        length = len(os.fsencode(name))
+        if length > self.name_max:
+            raise _fail(
+                errno.ENAMETOOLONG,
+                f"a name of {length} bytes; the datadirs hold at most {self.name_max}",
+            )
 
     # ----------------------------------------------------------------- lookup
 
@@ -183,6 +211,8 @@ class Pool:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG:
+                    continue  # longer than this datadir's names: not here
                 # A failing disk must not hide the names of the others.
                 log.error("datadir %s: cannot look up %r: %s", datadir.path, name, exc.strerror)
                 continue
@@ -305,12 +335,12 @@ class Pool:
         file appeared directly in a datadir), ``O_EXCL`` gets EEXIST and
         otherwise the existing file is opened, as open(2) would.
         """
-        _check_name(name)
+        self.check_new_name(name)
         if self.exists(name):
             if flags & os.O_EXCL:
                 raise _fail(errno.EEXIST, name)
             return self.open(name, flags)
-        datadir = self.choose_datadir_for(name)
+        datadir = self._free_datadir_for(name)
         start_private_area(datadir)
         path = datadir.private.new_incoming_path()
         fd = os.open(path, _NEW_FILE_FLAGS, 0o600)
@@ -326,6 +356,35 @@ class Pool:
         open_file = OpenFile(name=name, datadir=datadir.path, path=path, new=True)
         self._open_files[name] = open_file
         return self._add_handle(open_file, fd, os.O_RDWR | _BACKING_FLAGS, writable=True)
+
+    def _free_datadir_for(self, name: str) -> Datadir:
+        """The best datadir where ``name`` is free to be published.
+
+        A datadir may hold a directory, symlink or special file of that name,
+        which the pool does not show: a new file written there could never
+        be published, so it goes to the next best datadir.
+        """
+        occupied: set[str] = set()
+        while True:
+            try:
+                datadir = self.choose_datadir_for(name, exclude=frozenset(occupied))
+            except OSError:
+                if occupied:
+                    raise _fail(
+                        errno.EEXIST,
+                        f"{name!r} is taken by entries the pool does not show, in "
+                        + ", ".join(sorted(occupied)),
+                    ) from None
+                raise
+            if not os.path.lexists(datadir.path_of(name)):
+                return datadir
+            log.warning(
+                "datadir %s holds a non-file entry %r that the pool ignores: "
+                "the new file goes elsewhere (see 'fusestore check')",
+                datadir.path,
+                name,
+            )
+            occupied.add(datadir.path)
 
     def open(self, name: str, flags: int) -> Handle:
         """Open an existing file; ``O_TRUNC`` truncates it."""
@@ -672,7 +731,7 @@ class Pool:
         otherwise shadow or resurrect the old target, so they go. A new file
         that is still being written is simply published under the new name.
         """
-        _check_name(new)
+        self.check_new_name(new)
         moving = self._open_files.get(old)
         being_written = moving is not None and moving.new
         sources = [] if being_written else self.copies(old)

@@ -180,10 +180,17 @@ class PrivateArea:
     # ------------------------------------------------------------------- kept
 
     def keep_aside(self, path: str, name: str) -> str:
-        """Move a losing writer's data into ``kept/`` and return where it went."""
+        """Move a losing writer's data into ``kept/`` and return where it went.
+
+        Kept as ``<name>.<UTC time>.<random>``, the name cut short where the
+        whole would not fit the filesystem's limit (a 255-byte name would
+        otherwise fail here, and the bytes stay where the next mount sweeps).
+        """
         os.makedirs(self.kept, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        target = os.path.join(self.kept, f"{name}.{stamp}.{uuid.uuid4().hex[:8]}")
+        suffix = os.fsencode(f".{stamp}.{uuid.uuid4().hex[:8]}")
+        room = os.statvfs(self.kept).f_namemax - len(suffix)
+        target = os.path.join(self.kept, os.fsdecode(os.fsencode(name)[:room] + suffix))
         os.rename(path, target)
         return target
 

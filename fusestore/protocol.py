@@ -49,7 +49,6 @@ OPCODE_NAMES = {
 
 # INIT flags (the high 32 bits travel in flags2 with INIT_EXT).
 ASYNC_READ = 1 << 0
-ATOMIC_O_TRUNC = 1 << 3
 BIG_WRITES = 1 << 5
 AUTO_INVAL_DATA = 1 << 12
 ASYNC_DIO = 1 << 15
@@ -79,7 +78,13 @@ FATTR_MTIME_NOW = 1 << 8
 FSYNC_FDATASYNC = 1 << 0
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
+DT_DIR = 4
 DT_REG = 8
+
+# fuse_write_in.write_flags: the writer lacks CAP_FSETID, so setuid (and
+# setgid with group execute) must go, as on a local filesystem. The kernel
+# sets it on direct_io writes whatever was negotiated at INIT.
+WRITE_KILL_SUIDGID = 1 << 2
 
 # ioctls on /dev/fuse: _IOR(229, 0, uint32) and _IOW(229, 1/2, ...).
 DEV_IOC_CLONE = 0x8004E500
@@ -113,6 +118,10 @@ DIRENT_HEAD = struct.Struct("=QQII")  # ino off namelen type, then the name padd
 
 
 BACKING_MAP = struct.Struct("=iIQ")  # fd flags padding
+
+# Notifications: an OUT_HEADER with unique 0 and the notify code as its error.
+NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")  # ino off len (off < 0: attributes only)
 
 # FUSE over io_uring (uring.py): the commands of the SQE's command area
 # (struct fuse_uring_cmd_req: flags, commit_id, qid) and the ring entry's

@@ -59,7 +59,7 @@ _QUEUE_DEPTH = 4
 # What the kernel still sends through /dev/fuse once the io_uring queues run.
 _NOT_FOR_QUEUES = frozenset({p.FORGET, p.BATCH_FORGET, p.INTERRUPT})
 # Expected errors that need no log line of their own.
-_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST})
+_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG})
 
 
 def fuse_device_fd() -> int | None:
@@ -87,6 +87,7 @@ class RequestLoop:
     ) -> None:
         self.operations = operations
         self.device = device
+        operations.device = device
         # Requests take it exclusively (writes may overlap); so does a reload.
         self.lock = RequestLock()
         self.busy_poll_seconds = busy_poll_us / 1e6
@@ -199,7 +200,9 @@ class RequestLoop:
             if opcode == p.WRITE:
                 # Beside other writes; any failure is done again exclusively.
                 with contextlib.suppress(OSError):
-                    payload = self.lock.overlapping(lambda: self.operations.start_write(body))
+                    payload = self.lock.overlapping(
+                        lambda: self.operations.start_write(nodeid, body)
+                    )
             if payload is None:
                 with self.lock.exclusive():
                     payload = handler(nodeid, uid, gid, body)
@@ -268,9 +271,12 @@ class RequestLoop:
         if major != p.KERNEL_MAJOR:
             raise RuntimeError(f"unsupported FUSE protocol {major}.{minor}")
         offered = flags | (flags2 << 32 if flags & p.INIT_EXT else 0)
+        # Not ATOMIC_O_TRUNC: with it the kernel would leave a truncating
+        # open() to us without saying whether the caller may keep setuid
+        # bits; without it, it sends the truncation as a SETATTR that also
+        # clears them, as it does for truncate() and chown().
         wanted = (
             p.ASYNC_READ
-            | p.ATOMIC_O_TRUNC
             | p.BIG_WRITES
             | p.AUTO_INVAL_DATA
             | p.ASYNC_DIO

@@ -22,9 +22,11 @@ from typing import Any
 from fusestore.config import (
     ConfigError,
     PoolConfig,
+    absolute_spec,
     build_pool_config,
     parse_datadir_spec,
     parse_size,
+    split_list,
 )
 
 # name -> what the value must be, in a file or a -o option
@@ -51,6 +53,11 @@ _MOUNT8_ONLY_PREFIXES = ("x-", "comment=")
 # Microseconds the daemon checks for the next request before sleeping (see
 # requestloop.py); spinning on a one-CPU machine would only slow the caller.
 DEFAULT_BUSY_POLL_US = 50 if (os.cpu_count() or 1) > 1 else 0
+
+# Settings that name a file or directory: relative paths in a config file are
+# taken relative to the file's own directory; in -o (mount(8), fstab) they are
+# refused, since mount(8) runs fusestore from any directory.
+PATH_SETTINGS = ("datadir", "metadata_file", "log_file")
 
 _TRUE = {"", "1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -140,7 +147,8 @@ def read_config_file(path: str) -> dict[str, Any]:
             values[key] = _check_value(key, value, where)
             if key == "datadirs":
                 for spec in values[key]:
-                    _check_spec(spec, f"{path}:{_line_of(text, key, spec)}: ")
+                    where_spec = f"{path}:{_line_of(text, key, spec)}: "
+                    _check_spec(spec, where_spec, os.path.dirname(os.path.abspath(path)))
         except ConfigError as exc:
             message = str(exc)
             if not message.startswith(path):
@@ -149,12 +157,22 @@ def read_config_file(path: str) -> dict[str, Any]:
     if "datadir" in values and "datadirs" in values:
         line = _line_of(text, "datadirs")
         raise ConfigError(f"{path}:{line}: give either 'datadir' or 'datadirs', not both")
+    return _relative_to(os.path.dirname(os.path.abspath(path)), values)
+
+
+def _relative_to(base: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A config file's paths, relative ones taken from the file's own directory."""
+    for key in PATH_SETTINGS:
+        if values.get(key):  # "" stays an error
+            values[key] = os.path.normpath(os.path.join(base, values[key]))
+    if "datadirs" in values:
+        values["datadirs"] = [absolute_spec(spec, base) for spec in values["datadirs"]]
     return values
 
 
-def _check_spec(spec: str, where: str) -> None:
+def _check_spec(spec: str, where: str, base: str | None = None) -> None:
     try:
-        parse_datadir_spec(spec)
+        parse_datadir_spec(spec, base)
     except ConfigError as exc:
         raise ConfigError(f"{where}setting 'datadirs': {exc}") from exc
 
@@ -164,10 +182,12 @@ def split_mount_options(options: Iterable[str]) -> tuple[dict[str, Any], list[st
 
     mount(8)-only options (``_netdev``, ``nofail``, ``x-systemd.*``, …) are
     dropped. ``datadirs=PATH[:PRIORITY]`` may be repeated, one datadir each.
+    ``\\,`` is a comma inside a value (:func:`~fusestore.config.split_list`).
+    Paths must be absolute: mount(8) runs fusestore from any directory.
     """
     settings: dict[str, Any] = {}
     fuse_options: list[str] = []
-    for option in (o for value in options for o in value.split(",") if o):
+    for option in (o for value in options for o in split_list(value)):
         key, sep, value = option.partition("=")
         if key in SETTINGS and key != "options":
             where = f"-o {option}: "
@@ -184,6 +204,11 @@ def split_mount_options(options: Iterable[str]) -> tuple[dict[str, Any], list[st
                 settings.setdefault(key, []).append(value)
             else:
                 settings[key] = _check_value(key, value, where)
+                if key in PATH_SETTINGS and not os.path.isabs(value):
+                    raise ConfigError(
+                        f"{where}setting {key!r}: relative path {value!r}; mount(8), fstab "
+                        "and systemd run fusestore from any directory, so give an absolute path"
+                    )
         elif option in _MOUNT8_ONLY or option.startswith(_MOUNT8_ONLY_PREFIXES):
             continue
         else:

@@ -9,6 +9,7 @@ call on the mount fails with ENOTCONN instead of hanging the whole run.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -57,6 +58,49 @@ def force_unmount(path: Path) -> None:
             if not is_mounted(path):
                 return
             time.sleep(0.1)
+
+
+# An unprivileged user (nobody), without supplementary groups or capabilities.
+AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
+
+
+def run_as_nobody(*command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` as uid/gid 65534; never raises on failure."""
+    return subprocess.run(
+        [*AS_NOBODY, *command], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def mount_env() -> dict[str, str]:
+    """mount.fuse3 finds ``fusestore`` on PATH, as it would in /usr/local/bin."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent!s}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+    }
+
+
+def write_config(path: Path, **settings: object) -> Path:
+    lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_for_exit(pid: int, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def wait_for_log(log_file: Path, text: str, count: int = 1, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if log_file.exists() and log_file.read_text().count(text) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not logged {count} time(s):\n{log_file.read_text()}")
 
 
 def open_path_to(path: Path) -> None:

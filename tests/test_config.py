@@ -1,8 +1,6 @@
-"""Parsing pool settings: the rules of DESIGN.md "The pool", without mounting."""
+"""Parsing pool settings (README *Usage*, *Paths in a source*), without mounting."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
@@ -10,8 +8,10 @@ from fusestore.config import (
     ConfigError,
     DatadirSpec,
     build_pool_config,
+    escape_list_item,
     parse_datadir_spec,
     parse_size,
+    split_list,
 )
 
 
@@ -29,8 +29,29 @@ def test_datadir_spec_takes_priority_after_last_colon(spec: str, expected: Datad
     assert parse_datadir_spec(spec) == expected
 
 
-def test_relative_datadir_is_made_absolute() -> None:
-    assert parse_datadir_spec("images:3").path == os.path.join(os.getcwd(), "images")
+def test_relative_datadir_is_refused_without_a_base_directory() -> None:
+    with pytest.raises(ConfigError, match="'images:3': relative path"):
+        parse_datadir_spec("images:3")
+
+
+def test_relative_datadir_is_taken_from_the_base_directory() -> None:
+    assert parse_datadir_spec("images/../store:3", "/etc/fusestore") == DatadirSpec(
+        "/etc/fusestore/store", 3
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "items"),
+    [
+        ("/a:1,/b", ["/a:1", "/b"]),
+        ("/srv/c\\,d:5", ["/srv/c,d:5"]),
+        ("/x\\\\,/y", ["/x\\", "/y"]),
+        (",/a,,", ["/a"]),
+    ],
+)
+def test_lists_split_at_commas_not_escaped_ones(text: str, items: list[str]) -> None:
+    assert split_list(text) == items
+    assert split_list(",".join(map(escape_list_item, items))) == items
 
 
 @pytest.mark.parametrize("priority", ["-1", "high", "", "1.5", "²", " 3"])

@@ -19,7 +19,8 @@ import pytest
 from fusestore.dirents import OWN_INODES, PackedListing, PackedPart
 
 DIRENT_HEAD = struct.Struct("=QQII")  # ino off namelen type
-DT_REG = 8
+DT_DIR, DT_REG = 4, 8
+DOTS = (b".", b"..")
 
 
 def parse(reply: bytes | memoryview) -> list[tuple[int, int, bytes]]:
@@ -29,8 +30,8 @@ def parse(reply: bytes | memoryview) -> list[tuple[int, int, bytes]]:
     position = 0
     while position < len(data):
         ino, off, length, kind = DIRENT_HEAD.unpack_from(data, position)
-        assert kind == DT_REG
         name_end = position + DIRENT_HEAD.size + length
+        assert kind == (DT_DIR if data[position + DIRENT_HEAD.size : name_end] in DOTS else DT_REG)
         entry_end = position + -(-(DIRENT_HEAD.size + length) // 8) * 8
         assert data[name_end:entry_end] == bytes(entry_end - name_end)
         entries.append((ino, off, data[position + DIRENT_HEAD.size : name_end]))
@@ -70,12 +71,20 @@ def test_every_name_once_with_its_inode_however_the_listing_is_read(seed: int) -
             bytes(rng.choice(b"abc\xff.-") for _ in range(rng.choice([36, rng.randint(1, 255)])))
             for _ in range(rng.randint(0, 400))
         }
+        - set(DOTS)  # never the name of a regular file
     )
     cuts = sorted(rng.sample(range(len(names) + 1), k=min(len(names) + 1, rng.randint(0, 4))))
     part_names = [names[a:b] for a, b in zip([0, *cuts], [*cuts, len(names)], strict=True)]
     known = {name: rng.randint(2, 10_000) for name in rng.sample(names, rng.randint(0, len(names)))}
-    parts = [PackedPart(each, known, index) for index, each in enumerate(part_names)]
+    dots = rng.choice([None, 1])
+    parts = [
+        PackedPart(each, known, index, dots_inode=dots if index == 0 else None)
+        for index, each in enumerate(part_names)
+    ]
     entries = read_all(listing_of(parts, delay=rng.choice([0, 0.001])), rng)
+    if dots is not None:
+        assert [(ino, name) for ino, _, name in entries[:2]] == [(1, b"."), (1, b"..")]
+        entries = entries[2:]
     assert sorted(name for _, _, name in entries) == sorted(names)
     assert len({off for _, off, _ in entries}) == len(entries)
     own = [ino for ino, _, name in entries if name not in known]

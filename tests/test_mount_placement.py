@@ -1,4 +1,4 @@
-"""New files land where DESIGN.md "Placement" says, through a real mount."""
+"""New files land where README "How it behaves" → *Placement* says, through a real mount."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One flat namespace over the datadirs: DESIGN.md "The namespace"."""
+"""One flat namespace over the datadirs: README "How it behaves", *One flat directory*."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Never lose an image: DESIGN.md "Writing safely", by breaking things on purpose."""
+"""Never lose an image, by breaking things on purpose.
+
+README, "How it behaves": *Crash-safe publication*, *Failed writes*, *Never replaces*.
+"""
 
 from __future__ import annotations
 

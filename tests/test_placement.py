@@ -1,4 +1,4 @@
-"""Placement as a pure function: DESIGN.md "Placement of a new file", steps 1-3."""
+"""Placement as a pure function: README "How it behaves" → *Placement*."""
 
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,14 @@ from tests.conftest import (
     TmpfsFactory,
     fusestore_command,
     is_mounted,
+    mount_env,
     run_fusestore,
+    wait_for_exit,
+    wait_for_log,
+    write_config,
 )
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = str(Path(sys.executable).parent)
-
-
-def mount_env() -> dict[str, str]:
-    """mount.fuse3 finds ``fusestore`` on PATH, as it would in /usr/local/bin."""
-    return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
 
 
 def readme_fstab_line() -> str:
@@ -42,23 +39,8 @@ def readme_fstab_line() -> str:
     return line
 
 
-def write_config(path: Path, **settings: object) -> Path:
-    lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def daemon_pid(mountpoint: Path) -> int:
     return int(status.read(str(mountpoint))["pid"])
-
-
-def wait_for_exit(pid: int, seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture
@@ -85,7 +67,7 @@ def test_readme_fstab_line_mounts_with_mount_T(
     subprocess.run(["cp", str(source), str(mountpoint / "image")], check=True)
     assert (two_datadirs[0].path / "image").read_bytes() == source.read_bytes()
     df = subprocess.run(["df", str(mountpoint)], capture_output=True, text=True, check=True)
-    assert "fusestore" in df.stdout
+    assert df.stdout.splitlines()[1].split()[0] == str(config)  # the source, as in fstab
     subprocess.run(["rm", str(mountpoint / "image")], check=True)
     assert not (two_datadirs[0].path / "image").exists()
     subprocess.run(["umount", str(mountpoint)], check=True)
@@ -302,15 +284,6 @@ def test_sighup_reloads_datadirs_priorities_and_reserve(
     with pytest.raises(OSError):  # new is at its reserve and old takes no new files
         (mountpoint / "nowhere").write_bytes(b"x")
     assert not (old.path / "nowhere").exists()
-
-
-def wait_for_log(log_file: Path, text: str, count: int = 1, seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if log_file.exists() and log_file.read_text().count(text) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not logged {count} time(s):\n{log_file.read_text()}")
 
 
 # ------------------------------------------------------------------- status
