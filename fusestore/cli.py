@@ -6,7 +6,7 @@ mount(8) uses through Debian's ``mount.fuse3`` helper:
 datadir list ``PATH[:PRIORITY][,PATH[:PRIORITY]…]``.
 
 Errors become exit codes here and nowhere else: a bad setting
-(:class:`~fusestore.config.ConfigError`) exits 2 with one line naming the
+(:class:`~fusestore.pool.config.ConfigError`) exits 2 with one line naming the
 value, before anything is mounted; a mount the kernel refuses exits 1.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fusestore import __version__
-from fusestore.config import (
+from fusestore.pool.config import (
     ConfigError,
     absolute_spec,
     escape_list_item,
@@ -30,8 +30,8 @@ from fusestore.config import (
     parse_size,
     split_list,
 )
-from fusestore.selfmount import refuse_own_mountpoint
-from fusestore.settings import DEFAULT_BUSY_POLL_US, Settings, resolve, split_mount_options
+from fusestore.service.selfmount import refuse_own_mountpoint
+from fusestore.service.settings import DEFAULT_BUSY_POLL_US, Settings, resolve, split_mount_options
 
 log = logging.getLogger("fusestore")
 
@@ -286,8 +286,8 @@ def _check_outside_mountpoint(mountpoint: str, settings: Settings) -> None:
 
 def _mount(args: argparse.Namespace) -> int:
     # Imported here so that --help and the other commands do not need libfuse.
-    from fusestore.daemon import MountError, fork_and_wait_until_ready, serve
-    from fusestore.pool import Pool
+    from fusestore.pool.pool import Pool
+    from fusestore.service.daemon import MountError, fork_and_wait_until_ready, serve
 
     # Resolved now, before it is mounted: afterwards, looking at it would ask
     # this very daemon (see selfmount.py).
@@ -344,7 +344,7 @@ def _mount(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from fusestore import status
+    from fusestore.admin import status
 
     try:
         report = status.read(args.mountpoint)
@@ -356,7 +356,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from fusestore import check
+    from fusestore.admin import check
 
     try:
         datadirs = check.datadirs_of(args.target)

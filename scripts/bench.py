@@ -38,7 +38,7 @@ RESERVE = "64M"
 REPO = Path(__file__).resolve().parent.parent
 FUSESTORE = [sys.executable, "-m", "fusestore"]
 sys.path.insert(0, str(REPO))
-from fusestore import status  # noqa: E402
+from fusestore.admin import status  # noqa: E402
 
 
 @dataclass

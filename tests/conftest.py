@@ -37,9 +37,16 @@ def fusestore_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "fusestore", *args]
 
 
-def run_fusestore(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_fusestore(
+    *args: str, timeout: float = 30, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        fusestore_command(*args), capture_output=True, text=True, timeout=timeout, check=False
+        fusestore_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
     )
 
 

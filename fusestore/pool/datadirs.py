@@ -1,0 +1,158 @@
+"""The configured datadirs: validation at start, marks, and health while mounted.
+
+A datadir can stop being a good home for new files while the pool runs: its
+disk fails to mount (the mark is missing), is remounted read-only, or the
+directory vanishes. Health is measured when it matters — at each placement
+decision — so a datadir that comes back is used again at once, without a
+remount, and nothing needs a timer. Changes of state are logged loudly.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fusestore.pool.config import ConfigError, DatadirSpec
+from fusestore.pool.private import PrivateArea
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    """Whether a datadir may take new files, and if not, why."""
+
+    OK = "ok"
+    MISSING = "missing"  # no mark: most likely a disk that is not mounted
+    READ_ONLY = "read-only"
+    VANISHED = "vanished"  # the directory itself cannot be reached
+
+
+@dataclass(eq=False)
+class Datadir:
+    """A validated backing directory and its private area."""
+
+    path: str
+    priority: int
+    private: PrivateArea
+    state: State = State.OK
+    free_bytes: int = 0
+    retired: bool = False  # dropped from the config on reload: no new files, files stay
+    _logged_state: State = field(default=State.OK, repr=False)
+
+    def path_of(self, name: str) -> str:
+        """``<datadir>/<name>`` for a checked name (one path component).
+
+        Plain concatenation: on the lookup path, where every request builds a
+        path per datadir, os.path.join cost more than the stat that follows.
+        """
+        return f"{self.path}/{name}"
+
+    def assess(self) -> State:
+        """Measure state and free space now; log a change of state."""
+        try:
+            vfs = os.statvfs(self.path)
+        except OSError:
+            self.state, self.free_bytes = State.VANISHED, 0
+        else:
+            self.free_bytes = vfs.f_bavail * vfs.f_frsize
+            if not self.private.has_mark():
+                self.state = State.MISSING
+            elif vfs.f_flag & os.ST_RDONLY:
+                self.state = State.READ_ONLY
+            else:
+                self.state = State.OK
+        if self.state != self._logged_state:
+            self._log_change()
+        return self.state
+
+    def _log_change(self) -> None:
+        if self.state is State.OK:
+            log.warning("datadir %s is back: it takes new files again", self.path)
+        else:
+            log.error(
+                "datadir %s is %s: it takes no new files until it is back%s",
+                self.path,
+                self.state.value,
+                " (is its disk mounted?)" if self.state is State.MISSING else "",
+            )
+        self._logged_state = self.state
+
+
+def _validate(path: str) -> None:
+    """Create a missing datadir and prove it can be written, or raise ConfigError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"datadir {path!r} cannot be created: {exc.strerror}") from exc
+    if not os.path.isdir(path):
+        raise ConfigError(f"datadir {path!r} is not a directory")
+    try:
+        probe_fd, probe_path = tempfile.mkstemp(prefix=".fusestore-probe-", dir=path)
+        os.close(probe_fd)
+        os.unlink(probe_path)
+    except OSError as exc:
+        raise ConfigError(f"datadir {path!r} cannot be written: {exc.strerror}") from exc
+
+
+def open_datadirs(
+    specs: Sequence[DatadirSpec], instance: str, existing: Sequence[Datadir] = ()
+) -> list[Datadir]:
+    """Validate the datadirs not in ``existing`` (creating missing ones).
+
+    Raises ConfigError naming the first bad one, or one that is the same
+    directory as another (also through a symlink); touches nothing but the
+    datadirs themselves.
+    """
+    opened = []
+    seen: dict[tuple[int, int], str] = {}
+    for datadir in existing:
+        try:
+            st = os.stat(datadir.path)
+        except OSError:
+            continue
+        seen[(st.st_dev, st.st_ino)] = datadir.path
+    known = {datadir.path for datadir in existing}
+    for spec in specs:
+        if spec.path in known:
+            continue
+        _validate(spec.path)
+        st = os.stat(spec.path)
+        identity = (st.st_dev, st.st_ino)
+        if identity in seen:
+            raise ConfigError(f"datadir {spec.path!r} is the same directory as {seen[identity]!r}")
+        seen[identity] = spec.path
+        opened.append(Datadir(spec.path, spec.priority, PrivateArea(spec.path, instance)))
+    return opened
+
+
+def mark_and_sweep(datadirs: Sequence[Datadir]) -> None:
+    """Mark the datadirs, start their private areas and remove crash leftovers.
+
+    A datadir without a mark that another datadir's mark lists as a member of
+    this pool has lost its disk (or its mark): it is left alone and takes no
+    new files. Any other unmarked datadir is new to the pool and gets marked.
+    """
+    marks = {datadir.path: datadir.private.read_mark() for datadir in datadirs}
+    known = {member for mark in marks.values() if mark for member in mark.members}
+    members = tuple(sorted(datadir.path for datadir in datadirs))
+    for datadir in datadirs:
+        mark = marks[datadir.path]
+        if mark is None and datadir.path in known:
+            datadir.assess()  # logs that it is missing
+            continue
+        datadir.private.write_mark(members, mark.datadir_id if mark else None)
+        start_private_area(datadir)
+        datadir.assess()
+
+
+def start_private_area(datadir: Datadir) -> None:
+    """Start the datadir's private area if needed, sweeping leftovers of crashed writers."""
+    if datadir.private.started:
+        return
+    datadir.private.start()
+    for path, size in datadir.private.remove_leftovers():
+        log.warning("removed leftover of an unfinished write: %s (%d bytes)", path, size)

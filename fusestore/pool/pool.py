@@ -1,0 +1,520 @@
+"""The backing datadirs as one flat namespace of files that are never lost.
+
+The pool is the only code that touches the files in the datadirs. It knows no
+FUSE: it takes names and returns stat results, handles and ``OSError``s with
+the errno the caller should see. The datadirs are the only state; nothing is
+cached about files that are not open, so programs that change the datadirs
+directly are seen at the next request.
+
+Namespace (README, "How it behaves": *One flat directory*): only regular
+files are part of the pool and symlinks are never followed; a name is served
+by the first datadir in priority order that holds it; ``unlink`` removes
+every copy; ``rename`` renames every copy and removes the target's copies
+elsewhere.
+
+Writing (README, "How it behaves": *Crash-safe publication*, *Spill-over*): a
+new file is written under a hidden name in its datadir's private area and
+published under its name when its last handle closes (``publish.py``). A
+write that finds its datadir full moves the file, bytes and handles, to the
+best other datadir and goes on there (``spillover.py``). A listing is one
+snapshot of every datadir (``snapshot.py``); ``statfs`` adds up their
+filesystems (``space.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from queue import SimpleQueue
+from typing import TypeVar
+
+from fusestore.pool import publish, snapshot, space
+from fusestore.pool.config import PoolConfig
+from fusestore.pool.datadirs import (
+    Datadir,
+    State,
+    mark_and_sweep,
+    open_datadirs,
+    start_private_area,
+)
+from fusestore.pool.errors import failure
+from fusestore.pool.listing import DatadirLister
+from fusestore.pool.openfiles import BACKING_FLAGS, NEW_FILE_FLAGS, Handle, OpenFile
+from fusestore.pool.placement import DatadirSpace, choose_datadir, lookup_order
+from fusestore.pool.private import PRIVATE_DIR
+from fusestore.pool.space import PoolSpace
+from fusestore.pool.spillover import NO_ROOM, move_to_another_datadir
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Flags that describe how the *caller* opened the file and must not reach the
+# backing descriptor: creation and truncation are done by the pool itself;
+# O_APPEND is left to the kernel, which sends the right offset with each write;
+# O_DIRECT is not supported by every backing filesystem (tmpfs refuses it).
+_CALLER_ONLY_FLAGS = (
+    os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY | os.O_DIRECT | os.O_ACCMODE
+)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A regular file of a given name in one datadir."""
+
+    datadir: Datadir
+    path: str
+    stat: os.stat_result
+
+
+class Pool:
+    """The datadirs of one mount, and the files open in them."""
+
+    def __init__(self, config: PoolConfig, instance: str | None = None) -> None:
+        """Validate every datadir, creating missing ones; ConfigError names the first bad one.
+
+        Nothing else is written until :meth:`start`.
+        """
+        self.instance = instance or uuid.uuid4().hex
+        self.datadirs: list[Datadir] = lookup_order(open_datadirs(config.datadirs, self.instance))
+        self._datadir_by_path = {datadir.path: datadir for datadir in self.datadirs}
+        self.min_free_space = config.min_free_space
+        self.sync = config.sync
+        self._open_files: dict[str, OpenFile] = {}
+        self._lister = DatadirLister()
+        self.name_max = space.name_limit([datadir.path for datadir in self.datadirs])
+
+    def start(self) -> None:
+        """Mark the datadirs and sweep the leftovers of writers that crashed."""
+        mark_and_sweep(self.datadirs)
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """Apply a reloaded config at once, or raise ConfigError and change nothing.
+
+        New datadirs join (marked, swept); priorities and the reserve change;
+        a datadir dropped from the config takes no new files, but its files
+        stay visible and usable until they are moved off.
+        """
+        added = open_datadirs(config.datadirs, self.instance, existing=self.datadirs)
+        priorities = {spec.path: spec.priority for spec in config.datadirs}
+        for datadir in self.datadirs:
+            retired = datadir.path not in priorities
+            if retired and not datadir.retired:
+                log.warning("datadir %s was removed from the config: no new files", datadir.path)
+            datadir.retired = retired
+            datadir.priority = priorities.get(datadir.path, datadir.priority)
+        for datadir in added:
+            log.info("datadir %s (priority %d) joins the pool", datadir.path, datadir.priority)
+        self.datadirs = lookup_order([*self.datadirs, *added])
+        self._datadir_by_path = {datadir.path: datadir for datadir in self.datadirs}
+        self.min_free_space = config.min_free_space
+        self.sync = config.sync
+        self.name_max = space.name_limit([datadir.path for datadir in self.datadirs])
+        mark_and_sweep(self.datadirs)
+
+    def stop(self) -> None:
+        self._lister.stop()
+        for datadir in self.datadirs:
+            datadir.private.stop()
+
+    def check_new_name(self, name: str) -> None:
+        """Refuse a name the pool could not publish: before any byte is written."""
+        if name == PRIVATE_DIR:
+            raise failure(errno.EPERM, f"{name!r} is reserved for fusestore's private area")
+        if len(name) * 4 <= self.name_max:
+            return  # even four bytes a character fits: spare the encoding
+        length = len(os.fsencode(name))
+        if length > self.name_max:
+            raise failure(
+                errno.ENAMETOOLONG,
+                f"a name of {length} bytes; the datadirs hold at most {self.name_max}",
+            )
+
+    # ----------------------------------------------------------------- lookup
+
+    def copies(self, name: str) -> list[Copy]:
+        """Every regular file called ``name``, winner first."""
+        return list(self._iter_copies(name))
+
+    def _iter_copies(self, name: str, foreign: set[str] | None = None) -> Iterator[Copy]:
+        """The regular files called ``name``, winner first; the datadirs that hold
+        something else of that name are added to ``foreign``, if given.
+
+        A generator so that locate() stops at the first hit.
+        """
+        for datadir in self.datadirs:
+            path = datadir.path_of(name)
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG:
+                    continue  # longer than this datadir's names: not here
+                # A failing disk must not hide the names of the others.
+                log.error("datadir %s: cannot look up %r: %s", datadir.path, name, exc.strerror)
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield Copy(datadir, path, st)
+            elif foreign is not None:
+                foreign.add(datadir.path)
+
+    def locate(self, name: str) -> Copy:
+        """The copy that reads see, or ENOENT."""
+        for copy in self._iter_copies(name):
+            return copy
+        raise failure(errno.ENOENT, name)
+
+    def stat(self, name: str) -> os.stat_result:
+        open_file = self._open_files.get(name)
+        if open_file is not None:
+            return os.fstat(open_file.any_fd())
+        return self.locate(name).stat
+
+    def list_names(
+        self, each: Callable[[list[bytes], int], T]
+    ) -> tuple[T, SimpleQueue[T | BaseException | None]]:
+        """Each visible name once, as one snapshot, handed to ``each`` in parts
+        (see :func:`fusestore.pool.snapshot.list_names`); the files being
+        written come last."""
+        being_written = [os.fsencode(name) for name, f in self._open_files.items() if f.new]
+        paths = [datadir.path for datadir in self.datadirs]
+        return snapshot.list_names(paths, being_written, self._lister, each)
+
+    # -------------------------------------------------------------- placement
+
+    def choose_datadir_for(
+        self, name: str, needed_bytes: int = 0, exclude: frozenset[str] = frozenset()
+    ) -> Datadir:
+        """The datadir a new file goes to, or ENOSPC/EROFS with a log of what was tried."""
+        healthy = []
+        for datadir in self.datadirs:
+            if datadir.retired or datadir.path in exclude:
+                continue
+            if datadir.assess() is State.OK:
+                healthy.append(DatadirSpace(datadir.path, datadir.priority, datadir.free_bytes))
+        chosen = choose_datadir(healthy, self.min_free_space, needed_bytes)
+        if chosen is not None:
+            return self._datadir_by_path[chosen.path]
+        tried = ", ".join(
+            f"{d.path} (priority {d.priority}, {d.free_bytes} bytes free, {d.state.value}"
+            f"{', already tried' if d.path in exclude else ''})"
+            for d in self.datadirs
+        )
+        log.warning(
+            "no datadir can hold %r: each needs more than %d bytes free; tried %s",
+            name,
+            self.min_free_space + needed_bytes,
+            tried,
+        )
+        if not healthy and any(d.state is State.READ_ONLY for d in self.datadirs):
+            raise failure(errno.EROFS, f"no writable datadir for {name!r}")
+        raise failure(errno.ENOSPC, f"no datadir can hold {name!r}")
+
+    # ----------------------------------------------------------- open/create
+
+    def create(self, name: str, mode: int, uid: int, gid: int, flags: int) -> Handle:
+        """Create ``name`` as a new file under a hidden name in the best datadir.
+
+        If the name exists (the kernel's negative cache can be stale when a
+        file appeared directly in a datadir), ``O_EXCL`` gets EEXIST and
+        otherwise the existing file is opened, as open(2) would.
+        """
+        self.check_new_name(name)
+        foreign: set[str] = set()
+        if name in self._open_files or any(True for _ in self._iter_copies(name, foreign)):
+            if flags & os.O_EXCL:
+                raise failure(errno.EEXIST, name)
+            return self.open(name, flags)
+        datadir = self._free_datadir_for(name, frozenset(foreign))
+        start_private_area(datadir)
+        path = datadir.private.new_incoming_path()
+        fd = os.open(path, NEW_FILE_FLAGS, 0o600)
+        try:
+            if os.geteuid() == 0:
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        log.debug("creating %r in %s as %s", name, datadir.path, path)
+        open_file = OpenFile(name=name, datadir=datadir.path, path=path, new=True)
+        self._open_files[name] = open_file
+        return self._add_handle(open_file, fd, os.O_RDWR | BACKING_FLAGS, writable=True)
+
+    def _free_datadir_for(self, name: str, foreign: frozenset[str]) -> Datadir:
+        """The best datadir where ``name`` is free to be published.
+
+        ``foreign``: the datadirs that hold a directory, symlink or special
+        file of that name, which the pool does not show. A new file written
+        there could never be published, so it goes to the next best datadir.
+        """
+        for path in sorted(foreign):
+            log.warning(
+                "datadir %s holds a non-file entry %r that the pool ignores: "
+                "new files of that name go elsewhere (see 'fusestore check')",
+                path,
+                name,
+            )
+        try:
+            return self.choose_datadir_for(name, exclude=foreign)
+        except OSError:
+            if not foreign:
+                raise
+            raise failure(
+                errno.EEXIST,
+                f"{name!r} is taken by entries the pool does not show, in "
+                + ", ".join(sorted(foreign)),
+            ) from None
+
+    def open(self, name: str, flags: int) -> Handle:
+        """Open an existing file; ``O_TRUNC`` truncates it."""
+        open_file = self._open_files.get(name)
+        if open_file is None or open_file.path is None:
+            copy = self.locate(name)
+            open_file = OpenFile(name=name, datadir=copy.datadir.path, path=copy.path)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        # Writable handles read too: the kernel may read a page it is about to
+        # write part of, even through a write-only descriptor.
+        access = os.O_RDWR if writable else os.O_RDONLY
+        backing_flags = (flags & ~_CALLER_ONLY_FLAGS) | access | BACKING_FLAGS
+        fd = os.open(open_file.path, backing_flags)  # type: ignore[arg-type]
+        if flags & os.O_TRUNC and writable:
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                os.close(fd)
+                raise
+        self._open_files[name] = open_file
+        return self._add_handle(open_file, fd, backing_flags, writable)
+
+    @staticmethod
+    def _add_handle(open_file: OpenFile, fd: int, flags: int, writable: bool) -> Handle:
+        handle = Handle(open_file=open_file, fd=fd, flags=flags, writable=writable)
+        open_file.handles.add(handle)
+        return handle
+
+    # ---------------------------------------------------------------- writing
+
+    def start_write(self, handle: Handle, offset: int, data: bytes) -> Callable[[], int] | None:
+        """The write as work that may run beside other writes, or ``None``.
+
+        ``None`` when the write would change the pool (a file published early
+        is taken back first). The work raises OSError on any failure, the pool
+        untouched: :meth:`write` then does it again and handles it (a full
+        datadir, an error to record).
+        """
+        if handle.published_early:
+            return None
+        open_file = handle.open_file
+
+        def work() -> int:
+            written = handle.write(offset, data)
+            open_file.dirty = True
+            return written
+
+        return work
+
+    def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        """Write all of ``data``, moving the file to another datadir if its own is full."""
+        open_file = handle.open_file
+        if handle.published_early:
+            publish.take_back(handle, self._datadir_by_path[open_file.datadir])
+        tried: set[str] = set()
+        while True:
+            try:
+                written = handle.write(offset, data)
+                open_file.dirty = True
+                return written
+            except OSError as exc:
+                if exc.errno not in NO_ROOM:
+                    open_file.note_write_error(exc)
+                    raise
+            tried.add(open_file.datadir)
+            needed = max(os.fstat(handle.fd).st_size, offset + len(data))
+            try:
+                move_to_another_datadir(open_file, needed, tried, self.choose_datadir_for)
+            except OSError as exc:
+                open_file.note_write_error(exc)
+                raise
+
+    def flush(self, handle: Handle) -> None:
+        """On close(): publish a new file if this is its only handle (or drop it if unlinked).
+
+        Publishing here rather than at release means the file is in its
+        datadir when close() returns, and close() can report what release
+        cannot: a failed write (the file is removed), EEXIST (the name was
+        taken meanwhile; the data is kept aside) and fsync errors. If
+        descriptors stay open after this close and are written to — shells
+        and dd open the file, dup2 it onto stdout and close the original
+        before writing a byte; a forked child closes its copy at exec — the
+        file goes back under its hidden name until the next close, so a crash
+        does not leave it half-written under its name.
+        """
+        open_file = handle.open_file
+        if open_file.new and open_file.handles == {handle}:
+            unlinked = open_file.name is None
+            self._finish_new_file(open_file)
+            handle.published_early = not unlinked
+
+    def fsync(self, handle: Handle, datasync: bool) -> None:
+        """fsync; for a new file, also report EEXIST if its name was taken meanwhile."""
+        handle.fsync(datasync)
+        open_file = handle.open_file
+        open_file.dirty = False
+        if open_file.new and open_file.name is not None and self.copies(open_file.name):
+            raise failure(errno.EEXIST, f"{open_file.name!r} appeared in the pool meanwhile")
+
+    def release(self, handle: Handle) -> None:
+        """Close a handle; the last one publishes or discards a new file."""
+        open_file = handle.open_file
+        try:
+            if open_file.new and open_file.handles == {handle}:
+                self._finish_new_file(open_file)
+        finally:
+            open_file.handles.discard(handle)
+            os.close(handle.fd)
+            if not open_file.handles and open_file.name is not None:
+                self._forget(open_file.name, open_file)
+
+    def _finish_new_file(self, open_file: OpenFile) -> None:
+        """Publish, remove or keep aside a new file (:mod:`fusestore.pool.publish`);
+        one that did not take its name leaves the table of open files."""
+        name = open_file.name
+        try:
+            publish.finish_new_file(
+                open_file,
+                self._datadir_by_path[open_file.datadir],
+                lambda taken: bool(self.copies(taken)),
+                self.sync,
+            )
+        except OSError:
+            if name is not None and (open_file.name is None or open_file.path is None):
+                self._forget(name, open_file)
+            raise
+
+    def _forget(self, name: str, open_file: OpenFile) -> None:
+        if self._open_files.get(name) is open_file:
+            del self._open_files[name]
+
+    # ---------------------------------------------------------------- changes
+
+    def set_attributes(
+        self,
+        name: str,
+        handle: Handle | None = None,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> os.stat_result:
+        """chmod/chown/truncate/utimens on the copy that reads see."""
+        target: int | str
+        open_file = handle.open_file if handle is not None else self._open_files.get(name)
+        if open_file is not None and open_file.path is None:
+            # Unlinked while open: only a descriptor reaches it.
+            writable = [h for h in open_file.handles if h.writable]
+            target = (writable or list(open_file.handles))[0].fd
+        elif open_file is not None:
+            target = open_file.path  # type: ignore[assignment]
+        else:
+            target = self.locate(name).path
+        if uid is not None or gid is not None:
+            os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.chmod(target, stat.S_IMODE(mode))
+        if size is not None:
+            os.truncate(target, size)
+        if atime_ns is not None or mtime_ns is not None:
+            current = os.stat(target)
+            os.utime(
+                target,
+                ns=(
+                    current.st_atime_ns if atime_ns is None else atime_ns,
+                    current.st_mtime_ns if mtime_ns is None else mtime_ns,
+                ),
+            )
+        return os.stat(target)
+
+    def unlink(self, name: str) -> None:
+        """Remove every copy, so a deleted file never returns from a lower datadir."""
+        copies = self.copies(name)
+        open_file = self._open_files.get(name)
+        if not copies and not (open_file is not None and open_file.new):
+            raise failure(errno.ENOENT, name)
+        first_error: OSError | None = None
+        for copy in copies:
+            try:
+                os.unlink(copy.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("cannot remove %s: %s", copy.path, exc.strerror)
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        self._detach(name)
+
+    def rename(self, old: str, new: str, no_replace: bool = False) -> None:
+        """Rename every copy of ``old`` in place, then remove ``new`` from the other datadirs.
+
+        The file never changes datadir, so a rename is as cheap and atomic as
+        on the disk; copies of ``new`` in datadirs that had no ``old`` would
+        otherwise shadow or resurrect the old target, so they go. A new file
+        that is still being written is simply published under the new name.
+        """
+        self.check_new_name(new)
+        moving = self._open_files.get(old)
+        being_written = moving is not None and moving.new
+        sources = [] if being_written else self.copies(old)
+        if not sources and not being_written:
+            raise failure(errno.ENOENT, old)
+        targets = self.copies(new)
+        target_open = self._open_files.get(new)
+        if no_replace and (targets or (target_open is not None and target_open.new)):
+            raise failure(errno.EEXIST, new)
+        if old == new:
+            return
+        renamed_in: set[str] = set()
+        for position, source in enumerate(sources):
+            try:
+                os.rename(source.path, source.datadir.path_of(new))
+            except OSError as exc:
+                if position == 0:
+                    raise  # nothing has changed yet
+                log.error("cannot rename shadowed copy %s: %s", source.path, exc.strerror)
+                continue
+            renamed_in.add(source.datadir.path)
+        for target in targets:
+            if target.datadir.path not in renamed_in:
+                try:
+                    os.unlink(target.path)
+                except OSError as exc:
+                    log.error("cannot remove replaced copy %s: %s", target.path, exc.strerror)
+        self._detach(new)
+        if moving is not None:
+            del self._open_files[old]
+            moving.name = new
+            if not moving.new and moving.path is not None:
+                moving.path = os.path.join(moving.datadir, new)
+            self._open_files[new] = moving
+
+    def _detach(self, name: str) -> None:
+        open_file = self._open_files.pop(name, None)
+        if open_file is not None:
+            open_file.detach()
+
+    # ------------------------------------------------------------------ space
+
+    def space(self) -> PoolSpace:
+        """The datadirs' filesystems added up, each once (``statfs``)."""
+        return space.measure([datadir.path for datadir in self.datadirs])

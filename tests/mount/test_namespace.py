@@ -1,0 +1,357 @@
+"""One flat namespace over the datadirs: README "How it behaves", *One flat directory*."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Datadir, MountedPool, MountFactory, TmpfsFactory, open_path_to
+
+KERNEL_CACHE_SECONDS = (
+    1.0  # fusestore.fuse.handlers ENTRY_TIMEOUT / ATTR_TIMEOUT / NEGATIVE_TIMEOUT
+)
+
+
+@pytest.fixture
+def three(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> MountedPool:
+    """Priorities 30, 20, 10, each 16 MiB."""
+    datadirs = [Datadir(tmpfs(f"p{p}", 16), p) for p in (30, 20, 10)]
+    return mount_pool(datadirs)
+
+
+def put(datadir: Datadir, name: str, data: bytes) -> Path:
+    path = datadir.path / name
+    path.write_bytes(data)
+    return path
+
+
+def wait_until(condition, seconds: float = 3 * KERNEL_CACHE_SECONDS) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def errno_of(call, *args) -> int:
+    with pytest.raises(OSError) as caught:
+        call(*args)
+    return caught.value.errno
+
+
+def test_duplicate_name_reads_from_highest_priority(three: MountedPool) -> None:
+    top, middle, low = three.datadirs
+    put(low, "dup", b"low")
+    put(top, "dup", b"top")
+    put(middle, "dup", b"middle")
+    assert three.path("dup").read_bytes() == b"top"
+    assert os.listdir(three.mountpoint) == ["dup"]
+
+
+def test_file_in_a_lower_datadir_is_found(three: MountedPool) -> None:
+    put(three.datadirs[2], "only-low", b"data")
+    assert three.path("only-low").read_bytes() == b"data"
+
+
+def test_missing_name_is_enoent(three: MountedPool) -> None:
+    assert errno_of(os.stat, three.path("absent")) == errno.ENOENT
+    assert errno_of(os.open, three.path("absent"), os.O_RDONLY) == errno.ENOENT
+
+
+def test_symlinks_directories_and_sockets_are_invisible_and_never_followed(
+    three: MountedPool, tmp_path: Path
+) -> None:
+    top, _middle, low = three.datadirs
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the pool")
+    (top.path / "link").symlink_to(secret)
+    (top.path / "subdir").mkdir()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(top.path / "sock"))
+    os.mkfifo(top.path / "fifo")
+    put(low, "link", b"real file below the symlink")
+    try:
+        assert sorted(os.listdir(three.mountpoint)) == ["link"]
+        # The symlink in the top datadir is skipped, not followed.
+        assert three.path("link").read_bytes() == b"real file below the symlink"
+        for hidden in ("subdir", "sock", "fifo"):
+            assert errno_of(os.stat, three.path(hidden)) == errno.ENOENT
+    finally:
+        server.close()
+
+
+def test_readdir_lists_each_name_once(three: MountedPool) -> None:
+    top, middle, low = three.datadirs
+    for datadir in (top, middle, low):
+        put(datadir, "everywhere", datadir.path.name.encode())
+    put(middle, "middle-only", b"m")
+    put(low, "low-only", b"l")
+    names = os.listdir(three.mountpoint)
+    assert sorted(names) == ["everywhere", "low-only", "middle-only"]
+    listed = subprocess.run(
+        ["ls", "-l", str(three.mountpoint)], capture_output=True, text=True, check=True
+    ).stdout
+    assert listed.count("everywhere") == 1
+
+
+def test_readdir_of_100000_names(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> None:
+    a = Datadir(tmpfs("a", 64), 2)
+    b = Datadir(tmpfs("b", 64), 1)
+    for i in range(50_000):
+        (a.path / f"a{i:06d}").touch()
+        (b.path / f"b{i:06d}").touch()
+    for i in range(1000):  # duplicates are still listed once
+        (b.path / f"a{i:06d}").touch()
+    mounted = mount_pool([a, b])
+    started = time.monotonic()
+    names = os.listdir(mounted.mountpoint)
+    elapsed = time.monotonic() - started
+    assert len(names) == 100_000
+    assert set(names) == {f"{d}{i:06d}" for d in "ab" for i in range(50_000)}
+    # Re-listing the datadirs per chunk would take minutes; a snapshot takes seconds.
+    assert elapsed < 60, f"listing took {elapsed:.1f} s"
+
+
+def getdents_names(directory: Path, buffer_size: int) -> list[str]:
+    """Names as getdents64 returns them, read ``buffer_size`` bytes at a time."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(buffer_size)
+    names = []
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while (size := libc.getdents64(fd, buffer, buffer_size)) > 0:
+            data = buffer.raw[:size]
+            position = 0
+            while position < size:
+                length = int.from_bytes(data[position + 16 : position + 18], "little")
+                name = data[position + 19 : position + length].split(b"\0", 1)[0]
+                if name not in (b".", b".."):
+                    names.append(os.fsdecode(name))
+                position += length
+        assert size == 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+    return names
+
+
+def test_readdir_read_in_small_pieces_across_datadirs(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    a = Datadir(tmpfs("a", 16), 2)
+    b = Datadir(tmpfs("b", 16), 1)
+    expected = set()
+    for i in range(3000):
+        for datadir, prefix in ((a, "a"), (b, "b")):
+            (datadir.path / f"{prefix}-{i}").touch()
+            expected.add(f"{prefix}-{i}")
+    for i in range(0, 3000, 30):
+        (b.path / f"a-{i}").touch()  # duplicates are listed once
+    mounted = mount_pool([a, b])
+    # 4 KiB at a time: dozens of READDIR requests, resumed at every offset
+    # the kernel hands back, across the datadirs' parts of the listing.
+    names = getdents_names(mounted.mountpoint, 4096)
+    assert sorted(names) == sorted(expected)
+
+
+def test_listed_inode_numbers_are_those_of_stat(three: MountedPool) -> None:
+    top, middle, low = three.datadirs
+    for datadir, name in ((top, "top"), (middle, "middle"), (low, "low"), (low, "unlooked")):
+        put(datadir, name, b"x")
+    looked_up = {name: os.stat(three.path(name)).st_ino for name in ("top", "middle", "low")}
+    listed = {entry.name: entry.inode() for entry in os.scandir(three.mountpoint)}
+    assert sorted(listed) == ["low", "middle", "top", "unlooked"]
+    assert {name: listed[name] for name in looked_up} == looked_up
+    assert len(set(listed.values())) == 4
+
+
+def test_unlink_removes_every_copy(three: MountedPool) -> None:
+    for datadir in three.datadirs:
+        put(datadir, "image", b"copy")
+    os.unlink(three.path("image"))
+    assert three.holders("image") == []
+    assert errno_of(os.stat, three.path("image")) == errno.ENOENT
+
+
+def test_rm_of_missing_name_is_enoent(three: MountedPool) -> None:
+    assert errno_of(os.unlink, three.path("ghost")) == errno.ENOENT
+
+
+def test_rename_stays_in_source_datadir(three: MountedPool) -> None:
+    _top, _middle, low = three.datadirs
+    put(low, "old", b"payload")
+    subprocess.run(["mv", str(three.path("old")), str(three.path("new"))], check=True)
+    assert three.holders("new") == [low.path]
+    assert three.holders("old") == []
+    assert three.path("new").read_bytes() == b"payload"
+    assert errno_of(os.stat, three.path("old")) == errno.ENOENT
+
+
+def test_rename_onto_a_name_removes_its_copies_elsewhere(three: MountedPool) -> None:
+    top, middle, low = three.datadirs
+    put(middle, "source", b"new contents")
+    put(top, "target", b"old top")
+    put(low, "target", b"old low")
+    os.rename(three.path("source"), three.path("target"))
+    assert three.holders("target") == [middle.path]
+    assert three.holders("source") == []
+    assert three.path("target").read_bytes() == b"new contents"
+
+
+def test_rename_moves_shadowed_copies_too_so_the_old_name_is_gone(three: MountedPool) -> None:
+    top, _middle, low = three.datadirs
+    put(top, "src", b"winner")
+    put(low, "src", b"shadowed")
+    os.rename(three.path("src"), three.path("dst"))
+    assert errno_of(os.stat, three.path("src")) == errno.ENOENT
+    assert three.path("dst").read_bytes() == b"winner"
+    assert three.holders("dst") == [top.path, low.path]
+
+
+def test_rename_of_missing_name_is_enoent(three: MountedPool) -> None:
+    assert errno_of(os.rename, three.path("nope"), three.path("x")) == errno.ENOENT
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, bytes(old), at_fdcwd, bytes(new), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def test_rename_noreplace_refuses_existing_target(three: MountedPool) -> None:
+    put(three.datadirs[0], "a", b"a")
+    put(three.datadirs[2], "b", b"b")
+    code = errno_of(renameat2, three.path("a"), three.path("b"), RENAME_NOREPLACE)
+    assert code == errno.EEXIST
+    assert three.path("a").read_bytes() == b"a"
+    assert three.path("b").read_bytes() == b"b"
+    renameat2(three.path("a"), three.path("c"), RENAME_NOREPLACE)
+    assert three.holders("c") == [three.datadirs[0].path]
+
+
+def test_rename_exchange_is_refused_without_changes(three: MountedPool) -> None:
+    put(three.datadirs[0], "a", b"a")
+    put(three.datadirs[0], "b", b"b")
+    assert errno_of(renameat2, three.path("a"), three.path("b"), RENAME_EXCHANGE) == errno.EINVAL
+    assert three.path("a").read_bytes() == b"a"
+
+
+def test_open_file_follows_a_rename(three: MountedPool) -> None:
+    fd = os.open(three.path("moving"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, b"before ")
+        os.rename(three.path("moving"), three.path("moved"))
+        os.write(fd, b"after")
+    finally:
+        os.close(fd)
+    assert three.path("moved").read_bytes() == b"before after"
+    assert three.holders("moved") == [three.datadirs[0].path]
+
+
+def test_unlinked_open_file_still_reads_and_writes(three: MountedPool) -> None:
+    fd = os.open(three.path("temp"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, b"data")
+        os.unlink(three.path("temp"))
+        os.write(fd, b"+more")
+        assert os.pread(fd, 100, 0) == b"data+more"
+        assert os.fstat(fd).st_size == 9
+    finally:
+        os.close(fd)
+    assert three.holders("temp") == []
+
+
+@pytest.mark.parametrize(
+    ("operation", "make_args"),
+    [
+        (os.mkdir, lambda m: (m / "dir",)),
+        (os.symlink, lambda m: ("target", m / "sym")),
+        (os.link, lambda m: (m / "file", m / "hard")),
+        (os.mkfifo, lambda m: (m / "fifo",)),
+        (os.mknod, lambda m: (m / "node",)),
+    ],
+    ids=["mkdir", "symlink", "link", "mkfifo", "mknod"],
+)
+def test_non_file_objects_are_refused_with_eperm(three: MountedPool, operation, make_args) -> None:
+    put(three.datadirs[0], "file", b"x")
+    assert errno_of(operation, *make_args(three.mountpoint)) == errno.EPERM
+    assert sorted(os.listdir(three.mountpoint)) == ["file"]
+
+
+def test_statfs_sums_distinct_filesystems(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> None:
+    first = tmpfs("first", 32)
+    second = tmpfs("second", 64)
+    (first / "a").mkdir()
+    (first / "b").mkdir()
+    datadirs = [Datadir(first / "a", 3), Datadir(first / "b", 2), Datadir(second, 1)]
+    mounted = mount_pool(datadirs)
+    pool_vfs = os.statvfs(mounted.mountpoint)
+    expected = sum(os.statvfs(p).f_blocks * os.statvfs(p).f_frsize for p in (first, second))
+    assert pool_vfs.f_blocks * pool_vfs.f_frsize == expected
+    available = sum(os.statvfs(p).f_bavail * os.statvfs(p).f_frsize for p in (first, second))
+    assert abs(pool_vfs.f_bavail * pool_vfs.f_frsize - available) < 64 * 1024
+    df = subprocess.run(
+        ["df", "-B1", "--output=size", str(mounted.mountpoint)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert int(df[-1]) == expected
+
+
+def test_file_added_directly_to_a_datadir_appears(three: MountedPool) -> None:
+    assert errno_of(os.stat, three.path("late")) == errno.ENOENT  # cached negative
+    put(three.datadirs[1], "late", b"arrived")
+    assert wait_until(lambda: three.path("late").exists())
+    assert three.path("late").read_bytes() == b"arrived"
+    assert "late" in os.listdir(three.mountpoint)
+
+
+def test_file_removed_directly_from_a_datadir_disappears(three: MountedPool) -> None:
+    backing = put(three.datadirs[2], "leaving", b"bye")
+    assert three.path("leaving").read_bytes() == b"bye"
+    backing.unlink()
+    assert wait_until(lambda: not three.path("leaving").exists())
+    assert "leaving" not in os.listdir(three.mountpoint)
+
+
+def test_new_files_belong_to_the_calling_user(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    datadir = Datadir(tmpfs("shared", 16), 0)
+    os.chmod(datadir.path, 0o1777)
+    mounted = mount_pool([datadir], "-o", "allow_other")
+    open_path_to(mounted.mountpoint)
+    target = mounted.path("users-file")
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            f"umask 027; echo hi > {target}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    backing = os.stat(datadir.path / "users-file")
+    assert (backing.st_uid, backing.st_gid) == (65534, 65534)
+    assert backing.st_mode & 0o777 == 0o640
+    assert os.stat(target).st_uid == 65534
