@@ -23,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from fusestore.admin import status
+
 MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[1]
 TmpfsFactory = Callable[[str, int], Path]
 MountFactory = Callable[..., "MountedPool"]
 MOUNT_WAIT_SECONDS = 15
@@ -108,6 +111,37 @@ def wait_for_log(log_file: Path, text: str, count: int = 1, seconds: float = 10)
             return
         time.sleep(0.05)
     raise AssertionError(f"{text!r} not logged {count} time(s):\n{log_file.read_text()}")
+
+
+def incoming_files(datadir: Datadir) -> list[Path]:
+    """Files being written (or left over) in a datadir's private area."""
+    root = datadir.path / ".fusestore" / "incoming"
+    if not root.exists():
+        return []
+    return [p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+def kept_files(datadir: Datadir) -> list[Path]:
+    kept = datadir.path / ".fusestore" / "kept"
+    return sorted(kept.iterdir()) if kept.exists() else []
+
+
+def used_bytes(datadir: Datadir) -> int:
+    vfs = os.statvfs(datadir.path)
+    return (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+
+
+def dd(target: Path, size_mib: int, source: str = "/dev/urandom") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["dd", f"if={source}", f"of={target}", "bs=1M", f"count={size_mib}", "status=none"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def daemon_pid(mountpoint: Path) -> int:
+    return int(status.read(str(mountpoint))["pid"])
 
 
 def open_path_to(path: Path) -> None:
@@ -329,3 +363,15 @@ def pool(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> MountedPool:
         Datadir(tmpfs("big", 256), 50),
     ]
     return mount_pool(datadirs, "--min-free-space", "16M")
+
+
+@pytest.fixture
+def two_datadirs(tmpfs: TmpfsFactory) -> list[Datadir]:
+    return [Datadir(tmpfs("fast", 16), 200), Datadir(tmpfs("big", 64), 100)]
+
+
+@pytest.fixture
+def solo(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> tuple[Datadir, MountedPool]:
+    """A pool of one 16 MiB tmpfs datadir."""
+    datadir = Datadir(tmpfs("solo", 16), 0)
+    return datadir, mount_pool([datadir])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,20 @@ def test_version() -> None:
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "fusestore"  # the venv's bin, not the real python's
     assert subprocess.run([str(script), "--help"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ([], ["mount", "status", "check", "SOURCE MOUNTPOINT"]),
+        (["mount"], ["--config", "--no-sync", "--metadata-file", "min_free_space", "_netdev"]),
+        (["status"], ["--json", "no-new-files"]),
+        (["check"], ["--fix", "duplicates", "leftovers"]),
+    ],
+)
+def test_every_command_explains_itself(command: list[str], expected: list[str]) -> None:
+    result = run_fusestore(*command, "--help")
+    assert result.returncode == 0
+    text = re.sub(r"\s+", " ", result.stdout)
+    for fragment in expected:
+        assert fragment in text

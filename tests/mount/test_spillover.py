@@ -1,0 +1,88 @@
+"""Spill-over: README "How it behaves", *Spill-over*.
+
+A write that meets a full datadir moves the file, bytes and handles, to
+another one; a file that fits nowhere fails with ENOSPC and leaves no bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    Datadir,
+    MiB,
+    MountFactory,
+    TmpfsFactory,
+    dd,
+    incoming_files,
+    used_bytes,
+)
+
+
+def test_48mib_write_spills_from_full_datadir_into_the_larger_one(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory, tmp_path: Path
+) -> None:
+    small, large = Datadir(tmpfs("small", 32), 100), Datadir(tmpfs("large", 256), 50)
+    mounted = mount_pool([small, large])
+    source = tmp_path / "image"
+    source.write_bytes(os.urandom(48 * MiB))
+    result = dd(mounted.path("image"), 48, source=str(source))
+    assert result.returncode == 0, result.stderr
+    assert mounted.holders("image") == [large.path]
+    assert (large.path / "image").read_bytes() == source.read_bytes()
+    assert incoming_files(small) == [] and used_bytes(small) < MiB
+    assert "moved 'image'" in mounted.log()
+
+
+def test_write_that_fits_nowhere_fails_with_enospc_and_leaves_no_bytes(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    small, second = Datadir(tmpfs("small", 32), 100), Datadir(tmpfs("second", 40), 50)
+    mounted = mount_pool([small, second])
+    result = dd(mounted.path("image"), 48, source="/dev/zero")
+    assert result.returncode != 0
+    assert "No space left on device" in result.stderr
+    assert mounted.holders("image") == []
+    assert [incoming_files(d) for d in (small, second)] == [[], []]
+    assert used_bytes(small) < MiB and used_bytes(second) < MiB
+    with pytest.raises(FileNotFoundError):
+        os.stat(mounted.path("image"))
+    assert "removed incomplete new file 'image'" in mounted.log()
+
+
+def test_every_open_handle_follows_the_file_when_it_moves(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    small, large = Datadir(tmpfs("small", 8), 100), Datadir(tmpfs("large", 64), 50)
+    mounted = mount_pool([small, large])
+    writer = os.open(mounted.path("moving"), os.O_CREAT | os.O_WRONLY, 0o644)
+    reader = os.open(mounted.path("moving"), os.O_RDONLY)
+    data = os.urandom(12 * MiB)
+    try:
+        os.write(writer, data[: 2 * MiB])
+        assert os.pread(reader, 16, 0) == data[:16]
+        os.write(writer, data[2 * MiB :])  # small fills up: the file moves to large
+        assert os.pread(reader, 16, 10 * MiB) == data[10 * MiB : 10 * MiB + 16]
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert mounted.holders("moving") == [large.path]
+    assert (large.path / "moving").read_bytes() == data
+
+
+def test_existing_file_grows_into_another_datadir(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    small, large = Datadir(tmpfs("small", 8), 100), Datadir(tmpfs("large", 64), 50)
+    mounted = mount_pool([small, large])
+    first = os.urandom(2 * MiB)
+    mounted.path("log").write_bytes(first)
+    assert mounted.holders("log") == [small.path]
+    more = os.urandom(10 * MiB)
+    with open(mounted.path("log"), "ab") as f:
+        f.write(more)
+    assert mounted.holders("log") == [large.path]
+    assert mounted.path("log").read_bytes() == first + more

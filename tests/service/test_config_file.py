@@ -1,0 +1,82 @@
+"""The config file: README "Running it as a service", *Config file*."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fusestore.admin import status
+from tests.conftest import (
+    Datadir,
+    MiB,
+    is_mounted,
+    run_fusestore,
+    write_config,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        (
+            'min_free_space = "1M"\ndatadirs = [\n  "/srv/a:1",\n  "/srv/b:high",\n]\n',
+            [":4:", "datadirs", "'high'"],
+        ),
+        ('datadirs = ["/srv/a:1"]\nmin_free_spcae = "1G"\n', [":2:", "'min_free_spcae'"]),
+        ('datadirs = ["/srv/a:1"]\n\nmin_free_space = "ten"\n', [":3:", "min_free_space", "'ten'"]),
+        ('datadirs = "/srv/a:1"\n', [":1:", "datadirs", "a list of strings"]),
+        ('datadirs = ["/srv/a:1"]\nno_sync = "yes"\n', [":2:", "no_sync", "true or false"]),
+        ('datadirs = ["/srv/a:1"]\nmin_free_space = = 3\n', ["line 2"]),
+        ('datadir = "/srv/a"\ndatadirs = ["/srv/b:1"]\n', [":2:", "not both"]),
+    ],
+    ids=["bad-priority", "unknown", "bad-size", "wrong-type", "bad-bool", "syntax", "both"],
+)
+def test_config_errors_name_file_line_and_setting(
+    tmp_path: Path, mountpoint: Path, text: str, fragments: list[str]
+) -> None:
+    config = tmp_path / "images.toml"
+    config.write_text(text)
+    result = run_fusestore("mount", "--config", str(config), str(mountpoint))
+    assert result.returncode == 2, result.stderr
+    assert str(config) in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+    assert not is_mounted(mountpoint)
+
+
+def test_command_line_overrides_the_config_file(
+    tmp_path: Path, mountpoint: Path, two_datadirs: list[Datadir]
+) -> None:
+    config = write_config(
+        tmp_path / "pool.toml",
+        datadirs=[two_datadirs[0].spec],
+        min_free_space="1M",
+        options=["allow_other"],
+    )
+    result = run_fusestore(
+        "mount", "--config", str(config), "--min-free-space", "2M", "-o", "ro", str(mountpoint)
+    )
+    assert result.returncode == 0, result.stderr
+    report = status.read(str(mountpoint))
+    assert report["min_free_space"] == 2 * MiB
+    assert report["config_file"] == str(config)
+    line = next(
+        m for m in Path("/proc/self/mounts").read_text().splitlines() if str(mountpoint) in m
+    )
+    assert "allow_other" in line and " ro," in line
+
+
+def test_metadata_file_is_checked_and_shown(
+    tmp_path: Path, mountpoint: Path, two_datadirs: list[Datadir]
+) -> None:
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text('{"mountpoint": "/var/lib/images"}')
+    args = ["--datadirs", two_datadirs[0].spec, "--metadata-file", str(metadata)]
+    result = run_fusestore("mount", *args, str(mountpoint))
+    assert result.returncode == 2 and "'id'" in result.stderr
+    metadata.write_text('{"id": "store-1", "mountpoint": "/var/lib/images"}')
+    result = run_fusestore("mount", *args, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    report = status.read(str(mountpoint))
+    assert report["metadata"] == {"id": "store-1", "mountpoint": "/var/lib/images"}

@@ -1,0 +1,60 @@
+"""Reload on SIGHUP: README "Running it as a service", *Reload*."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from fusestore.admin import status
+from tests.conftest import (
+    Datadir,
+    MiB,
+    TmpfsFactory,
+    daemon_pid,
+    run_fusestore,
+    wait_for_log,
+    write_config,
+)
+
+
+def test_sighup_reloads_datadirs_priorities_and_reserve(
+    tmp_path: Path, mountpoint: Path, tmpfs: TmpfsFactory
+) -> None:
+    old, new = Datadir(tmpfs("old", 16), 10), Datadir(tmpfs("new", 16), 20)
+    config = write_config(tmp_path / "pool.toml", datadirs=[old.spec])
+    log_file = tmp_path / "daemon.log"
+    args = ["mount", "--config", str(config), "--log-file", str(log_file), str(mountpoint)]
+    assert run_fusestore(*args).returncode == 0
+    pid = daemon_pid(mountpoint)
+    (mountpoint / "before").write_bytes(b"1")
+    assert old.names() == {"before"}
+
+    write_config(config, datadirs=[old.spec, new.spec])
+    os.kill(pid, signal.SIGHUP)
+    wait_for_log(log_file, "reloaded")
+    (mountpoint / "after-add").write_bytes(b"2")
+    assert new.names() == {"after-add"}
+    assert (new.path / ".fusestore" / "mark").is_file()
+
+    write_config(config, datadirs=[new.spec, "/bad:priority"])
+    os.kill(pid, signal.SIGHUP)
+    wait_for_log(log_file, "reload rejected")
+    assert "'priority'" in log_file.read_text()
+    (mountpoint / "after-bad").write_bytes(b"3")
+    assert new.names() == {"after-add", "after-bad"}  # the old settings still apply
+
+    write_config(config, datadirs=[f"{new.path}:0"], min_free_space="16M")
+    os.kill(pid, signal.SIGHUP)
+    wait_for_log(log_file, "reloaded", count=2)
+    report = status.read(str(mountpoint))
+    rows = {row["path"]: row for row in report["datadirs"]}
+    assert rows[str(old.path)]["state"] == "no-new-files"
+    assert rows[str(new.path)]["priority"] == 0
+    assert report["min_free_space"] == 16 * MiB
+    assert (mountpoint / "before").read_bytes() == b"1"  # still visible and usable
+    with pytest.raises(OSError):  # new is at its reserve and old takes no new files
+        (mountpoint / "nowhere").write_bytes(b"x")
+    assert not (old.path / "nowhere").exists()
