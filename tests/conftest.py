@@ -95,13 +95,24 @@ def write_config(path: Path, **settings: object) -> Path:
     return path
 
 
+def has_exited(pid: int) -> bool:
+    """Whether the process is gone or a zombie (a daemon that went to the
+    background is reaped by init, which may take its time)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
 def wait_for_exit(pid: int, seconds: float = 20) -> bool:
+    """Wait until the process has exited; False if it has not within ``seconds``."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            return True
-        time.sleep(0.05)
-    return False
+    while not has_exited(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def wait_for_log(log_file: Path, text: str, count: int = 1, seconds: float = 10) -> None:
@@ -219,8 +230,19 @@ def tmpfs(tmp_path: Path) -> Iterator[TmpfsFactory]:
 
     yield make
     for path in reversed(mounted):
-        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], check=False)
+        unmount_datadir(path)
+
+
+def unmount_datadir(path: Path, seconds: float = 5) -> None:
+    """Unmount a datadir's filesystem, retrying while a daemon that is ending
+    still holds it, lazily only as a last resort; never raises."""
+    deadline = time.monotonic() + seconds
+    while is_mounted(path):
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
+            if time.monotonic() > deadline:
+                subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+                return
+            time.sleep(0.05)
 
 
 class Ext4Disk:
@@ -276,9 +298,7 @@ def ext4(tmp_path: Path) -> Iterator[Callable[[str, int], Ext4Disk]]:
 
     yield make
     for disk in reversed(disks):
-        while is_mounted(disk.path):
-            if subprocess.run(["umount", str(disk.path)], check=False).returncode != 0:
-                subprocess.run(["umount", "-l", str(disk.path)], check=False)
+        unmount_datadir(disk.path)
 
 
 def start_mount(
@@ -318,13 +338,37 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGKILL)
 
 
+def processes_naming(path: Path) -> list[int]:
+    """Processes whose command line names ``path`` (such as a daemon serving it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command_line = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if os.fsencode(path) in command_line.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
 @pytest.fixture
-def mountpoint(tmp_path: Path) -> Iterator[Path]:
-    """An empty directory to mount on by hand; unmounted at teardown whatever happened."""
+def mountpoint(
+    tmp_path: Path, tmpfs: TmpfsFactory, ext4: Callable[[str, int], Ext4Disk]
+) -> Iterator[Path]:
+    """An empty directory to mount on by hand; unmounted at teardown whatever happened.
+
+    Depends on ``tmpfs`` and ``ext4`` so that the pool is unmounted, and its
+    daemon gone, before the datadirs under it are.
+    """
     path = tmp_path / "mnt"
     path.mkdir()
     yield path
     force_unmount(path)
+    for pid in processes_naming(path):
+        if not wait_for_exit(pid, seconds=10):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture

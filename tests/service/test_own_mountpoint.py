@@ -26,6 +26,7 @@ from tests.conftest import (
     fusestore_command,
     is_mounted,
     mount_env,
+    processes_naming,
     run_fusestore,
     wait_for_exit,
     wait_for_log,
@@ -33,21 +34,6 @@ from tests.conftest import (
 )
 
 REFUSAL_SECONDS = 10
-
-
-def processes_naming(path: Path) -> list[int]:
-    """Processes whose command line names ``path`` (a daemon left behind)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            command_line = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if os.fsencode(path) in command_line:
-            found.append(int(entry.name))
-    return found
 
 
 # Each layout: the fusestore arguments for mountpoint M (in tmp_path), and the
@@ -209,7 +195,7 @@ def test_a_busy_mountpoint_does_not_hold_up_shutdown(
     assert run_fusestore("mount", "--datadirs", datadir.spec, str(mountpoint)).returncode == 0
     pid = int(status.read(str(mountpoint))["pid"])
     (mountpoint / "held").write_bytes(b"open")
-    sitter = subprocess.Popen(["sh", "-c", "exec 3<held; sleep 60"], cwd=mountpoint)
+    sitter = subprocess.Popen(["sh", "-c", "exec 3<held; exec sleep 60"], cwd=mountpoint)
     try:
         deadline = time.monotonic() + 10
         while not any(
