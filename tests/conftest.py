@@ -155,6 +155,27 @@ def daemon_pid(mountpoint: Path) -> int:
     return int(status.read(str(mountpoint))["pid"])
 
 
+def errno_of(call: Callable[[], object]) -> int:
+    """The errno of the OSError ``call`` raises (the test fails if it raises none)."""
+    with pytest.raises(OSError) as caught:
+        call()
+    return caught.value.errno
+
+
+def files_below(path: Path) -> dict[str, bytes]:
+    """Every regular file below a datadir, its private area included, but the
+    mark and lock files: what a datadir holds of the pool's data."""
+    found = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            file = Path(root) / name
+            relative = str(file.relative_to(path))
+            if relative == ".fusestore/mark" or relative.endswith(".lock"):
+                continue
+            found[relative] = file.read_bytes()
+    return found
+
+
 def open_path_to(path: Path) -> None:
     """Let other users traverse to ``path`` (pytest's temporary root is 0700)."""
     for parent in path.parents:

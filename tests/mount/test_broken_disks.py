@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from tests.conftest import (
     Ext4Disk,
     MountFactory,
     TmpfsFactory,
+    errno_of,
+    files_below,
 )
 
 
@@ -91,3 +94,22 @@ def test_datadir_unmounted_under_a_live_pool(disk_first, mount_pool: MountFactor
     assert sorted(os.listdir(mounted.mountpoint)) == ["on-disk", "while-gone"]
     mounted.path("after").write_bytes(b"x")
     assert mounted.holders("after") == [top.path]
+
+
+def test_every_datadir_read_only_gives_erofs_and_nothing_is_written(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    datadirs = [Datadir(tmpfs("a", 16), 2), Datadir(tmpfs("b", 16), 1)]
+    mounted = mount_pool(datadirs)
+    mounted.path("before").write_bytes(b"readable")
+    for datadir in datadirs:
+        subprocess.run(["mount", "-o", "remount,ro", str(datadir.path)], check=True)
+    try:
+        refused = errno_of(lambda: os.open(mounted.path("new"), os.O_CREAT | os.O_WRONLY, 0o644))
+        assert refused == errno.EROFS
+        assert mounted.path("before").read_bytes() == b"readable"
+        assert all(f"datadir {d.path} is read-only" in mounted.log() for d in datadirs)
+    finally:
+        for datadir in datadirs:
+            subprocess.run(["mount", "-o", "remount,rw", str(datadir.path)], check=True)
+    assert [files_below(d.path) for d in datadirs] == [{"before": b"readable"}, {}]

@@ -212,3 +212,15 @@ def test_permissions_are_checked_by_the_kernel(
     )
     assert created.returncode != 0  # the mount's root mirrors the 0755 datadir
     assert shared.holders("by-nobody") == []
+
+
+def test_chmod_and_chown_of_the_mountpoint_reach_every_datadir(two: MountedPool) -> None:
+    """The kernel checks create permission on the root, which shows the top
+    datadir: every datadir must agree, or a file spilled lower would escape it."""
+    os.chmod(two.mountpoint, 0o1777)
+    os.chown(two.mountpoint, 65534, 65534)
+    for datadir in two.datadirs:
+        st = os.stat(datadir.path)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o1777, 65534, 65534)
+    root = os.stat(two.mountpoint)
+    assert (stat.S_IMODE(root.st_mode), root.st_uid, root.st_gid) == (0o1777, 65534, 65534)

@@ -8,7 +8,15 @@ import subprocess
 
 import pytest
 
-from tests.conftest import Datadir, MiB, MountedPool, MountFactory, TmpfsFactory
+from tests.conftest import (
+    Datadir,
+    MiB,
+    MountedPool,
+    MountFactory,
+    TmpfsFactory,
+    errno_of,
+    files_below,
+)
 
 
 def write_file(path: os.PathLike[str] | str, data: bytes) -> None:
@@ -47,10 +55,8 @@ def test_no_datadir_with_room_gives_enospc_and_logs_what_was_tried(
     a = Datadir(tmpfs("a", 8), 10)
     b = Datadir(tmpfs("b", 8), 5)
     mounted = mount_pool([a, b], "--min-free-space", "8M")
-    with pytest.raises(OSError) as caught:
-        write_file(mounted.path("nowhere"), b"x")
-    assert caught.value.errno == errno.ENOSPC
-    assert mounted.holders("nowhere") == []
+    assert errno_of(lambda: write_file(mounted.path("nowhere"), b"x")) == errno.ENOSPC
+    assert files_below(a.path) == files_below(b.path) == {}
     log = mounted.log()
     assert "no datadir can hold 'nowhere'" in log
     assert f"{a.path} (priority 10" in log and f"{b.path} (priority 5" in log
@@ -61,9 +67,12 @@ def test_write_beyond_the_datadir_fails_with_enospc(
 ) -> None:
     only = Datadir(tmpfs("only", 4), 0)
     mounted = mount_pool([only])
-    with pytest.raises(OSError) as caught:
-        write_file(mounted.path("too-big"), os.urandom(8 * MiB))
-    assert caught.value.errno == errno.ENOSPC
+    assert errno_of(lambda: write_file(mounted.path("too-big"), os.urandom(8 * MiB))) == (
+        errno.ENOSPC
+    )
+    # The partial file is removed at close: no byte of it anywhere, private area included.
+    assert files_below(only.path) == {}
+    assert "removed incomplete new file 'too-big'" in mounted.log()
 
 
 def test_reserve_is_rechecked_for_every_new_file(
@@ -76,3 +85,29 @@ def test_reserve_is_rechecked_for_every_new_file(
     write_file(mounted.path("second"), os.urandom(1 * MiB))
     assert mounted.holders("first") == [top.path]
     assert mounted.holders("second") == [low.path]
+
+
+@pytest.mark.parametrize("order", ["as-named", "reversed"])
+def test_a_tie_in_priority_and_free_space_goes_to_the_datadir_given_first(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory, order: str
+) -> None:
+    twins = [Datadir(tmpfs("twin-a", 16), 5), Datadir(tmpfs("twin-b", 16), 5)]
+    if order == "reversed":
+        twins.reverse()
+    mounted = mount_pool(twins)
+    assert os.statvfs(twins[0].path).f_bavail == os.statvfs(twins[1].path).f_bavail
+    write_file(mounted.path("tied"), b"first given wins")
+    assert mounted.holders("tied") == [twins[0].path]
+
+
+@pytest.mark.parametrize("order", ["as-named", "reversed"])
+def test_a_name_in_two_datadirs_of_one_priority_is_read_from_the_one_given_first(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory, order: str
+) -> None:
+    twins = [Datadir(tmpfs("twin-a", 16), 5), Datadir(tmpfs("twin-b", 16), 5)]
+    if order == "reversed":
+        twins.reverse()
+    for datadir in twins:
+        (datadir.path / "both").write_bytes(datadir.path.name.encode())
+    mounted = mount_pool(twins)
+    assert mounted.path("both").read_bytes() == twins[0].path.name.encode()

@@ -12,36 +12,24 @@ import errno
 import os
 import subprocess
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import Datadir, MountedPool, MountFactory, TmpfsFactory, run_fusestore
+from tests.conftest import (
+    Datadir,
+    MountedPool,
+    MountFactory,
+    TmpfsFactory,
+    errno_of,
+    files_below,
+    run_fusestore,
+)
 
 
 @pytest.fixture
 def two(tmpfs: TmpfsFactory, mount_pool: MountFactory) -> MountedPool:
     """Priorities 2 and 1, 16 MiB each."""
     return mount_pool([Datadir(tmpfs("high", 16), 2), Datadir(tmpfs("low", 16), 1)])
-
-
-def files_below(datadir: Datadir) -> dict[str, bytes]:
-    """Every regular file in the datadir, private area included, but the marks and locks."""
-    found = {}
-    for root, _, names in os.walk(datadir.path):
-        for name in names:
-            path = Path(root) / name
-            relative = str(path.relative_to(datadir.path))
-            if relative == ".fusestore/mark" or relative.endswith(".lock"):
-                continue
-            found[relative] = path.read_bytes()
-    return found
-
-
-def errno_of(call: Callable[[], object]) -> int:
-    with pytest.raises(OSError) as caught:
-        call()
-    return caught.value.errno
 
 
 def test_a_255_byte_name_works_end_to_end(two: MountedPool) -> None:
@@ -82,8 +70,8 @@ def test_a_longer_name_fails_at_once_and_leaves_nothing(two: MountedPool, length
     errnos = {what: errno_of(call) for what, call in calls.items()}
     assert errnos == dict.fromkeys(calls, errno.ENAMETOOLONG)
     # Nothing written anywhere, the private area included; the other file untouched.
-    assert files_below(two.datadirs[0]) == {"short": b"keep me"}
-    assert files_below(two.datadirs[1]) == {}
+    assert files_below(two.datadirs[0].path) == {"short": b"keep me"}
+    assert files_below(two.datadirs[1].path) == {}
     assert os.listdir(two.mountpoint) == ["short"]
     assert two.log()[logged_before:] == ""  # not even an INFO line
 
@@ -143,7 +131,7 @@ def test_a_name_taken_by_directories_everywhere_is_refused_at_open(two: MountedP
         (datadir.path / "everywhere").mkdir()
     refused = errno_of(lambda: os.open(two.path("everywhere"), os.O_CREAT | os.O_WRONLY, 0o644))
     assert refused == errno.EEXIST
-    assert files_below(two.datadirs[0]) == files_below(two.datadirs[1]) == {}
+    assert files_below(two.datadirs[0].path) == files_below(two.datadirs[1].path) == {}
 
 
 def test_a_listing_has_dot_and_dotdot(two: MountedPool) -> None:

@@ -60,8 +60,9 @@ def test_fsync_of_a_name_taken_meanwhile_reports_eexist(solo: tuple[Datadir, Mou
             os.fsync(fd)
         assert caught.value.errno == errno.EEXIST
     finally:
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as caught:
             os.close(fd)
+        assert caught.value.errno == errno.EEXIST  # and the data is kept aside
     assert (datadir.path / "late").read_bytes() == b"someone else's"
     assert [p.read_bytes() for p in kept_files(datadir)] == [b"mine"]
 

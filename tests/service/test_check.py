@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 from tests.conftest import (
     Datadir,
     run_fusestore,
+    write_config,
 )
 
 
@@ -75,3 +78,30 @@ def test_check_reports_unmarked_datadirs_and_kept_data(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"datadir without its mark (disk not mounted? never used?): {datadir}" in result.stdout
     assert "kept aside after a lost race" in result.stdout
+
+
+def test_check_of_a_config_file_reports_special_files_and_fix_keeps_kept_data(
+    tmp_path: Path, two_datadirs: list[Datadir]
+) -> None:
+    fast, big = two_datadirs
+    config = write_config(tmp_path / "pool.toml", datadirs=[d.spec for d in two_datadirs])
+    for datadir in two_datadirs:  # as a mount would have left them
+        (datadir.path / ".fusestore" / "kept").mkdir(parents=True)
+        (datadir.path / ".fusestore" / "mark").write_text("{}")
+    os.mkfifo(fast.path / "fifo")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(big.path / "socket"))
+    kept = big.path / ".fusestore" / "kept" / "image.20260101T000000.abcd"
+    kept.write_bytes(b"lost race")
+    try:
+        result = run_fusestore("check", str(config))
+        assert result.returncode == 1
+        assert f"ignored by the pool (special file): {fast.path / 'fifo'}" in result.stdout
+        assert f"ignored by the pool (special file): {big.path / 'socket'}" in result.stdout
+        assert f"{kept}" in result.stdout and "kept aside after a lost race" in result.stdout
+        fixed = run_fusestore("check", "--fix", str(config))
+        assert fixed.returncode == 1
+        assert kept.read_bytes() == b"lost race"  # never deleted by fusestore
+        assert (fast.path / "fifo").exists() and (big.path / "socket").exists()
+    finally:
+        listener.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,29 @@ def test_command_line_overrides_the_config_file(
         m for m in Path("/proc/self/mounts").read_text().splitlines() if str(mountpoint) in m
     )
     assert "allow_other" in line and " ro," in line
+
+
+@pytest.mark.parametrize("form", ["--datadirs", "--datadir", "-o datadirs"])
+def test_a_datadir_list_on_the_command_line_replaces_the_files(
+    tmp_path: Path, mountpoint: Path, two_datadirs: list[Datadir], form: str
+) -> None:
+    fast, big = two_datadirs
+    config = write_config(tmp_path / "pool.toml", datadirs=[fast.spec], min_free_space="1M")
+    given = {
+        "--datadirs": ["--datadirs", big.spec],
+        "--datadir": ["--datadir", str(big.path)],
+        "-o datadirs": ["-o", f"datadirs={big.spec}"],
+    }[form]
+    result = run_fusestore("mount", "--config", str(config), *given, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    try:
+        report = status.read(str(mountpoint))
+        assert [row["path"] for row in report["datadirs"]] == [str(big.path)]
+        assert report["min_free_space"] == 1 * MiB  # the rest of the file still applies
+        (mountpoint / "image").write_bytes(b"x")
+        assert (big.path / "image").exists() and not (fast.path / "image").exists()
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 def test_metadata_file_is_checked_and_shown(

@@ -91,3 +91,72 @@ def test_bad_pool_option_names_the_value(mountpoint: Path, two_datadirs: list[Da
     assert result.returncode == 2
     assert "'lots'" in result.stderr
     assert not is_mounted(mountpoint)
+
+
+# PATH as mount(8), fstab and systemd have it: the checkout's venv is not on it.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def test_setup_links_the_command_where_mount8_finds_it(tmp_path: Path, mountpoint: Path) -> None:
+    link = Path("/usr/local/bin/fusestore")
+    assert link.is_symlink()
+    assert Path(os.readlink(link)) == REPO / ".venv" / "bin" / "fusestore"
+    version = subprocess.run(
+        ["fusestore", "--version"],
+        env={"PATH": SYSTEM_PATH},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert version.stdout.startswith("fusestore ")
+
+
+def test_the_example_config_mounts_as_shipped(tmp_path: Path, mountpoint: Path, tmpfs) -> None:
+    """examples/images.toml, with only its datadir paths replaced, mounted by
+    mount(8) with the system's PATH (so through the /usr/local/bin link)."""
+    datadirs = [tmpfs(name, 8) for name in ("fast", "big-a", "big-b")]
+    text = (REPO / "examples" / "images.toml").read_text()
+    for name, path in zip(("/srv/fast", "/srv/big-a", "/srv/big-b"), datadirs, strict=True):
+        assert f'"{name}:' in text
+        text = text.replace(f'"{name}:', f'"{path}:')
+    config = tmp_path / "images.toml"
+    config.write_text(text)
+    subprocess.run(
+        ["mount", "-t", "fuse.fusestore", str(config), str(mountpoint)],
+        env={"PATH": SYSTEM_PATH},
+        check=True,
+        capture_output=True,
+    )
+    try:
+        report = status.read(str(mountpoint))
+        assert [(row["path"], row["priority"]) for row in report["datadirs"]] == [
+            (str(datadirs[0]), 200),
+            (str(datadirs[1]), 100),
+            (str(datadirs[2]), 100),
+        ]
+        assert report["min_free_space"] == 4 << 30 and report["sync"] is True
+        (line,) = [m for m in Path("/proc/mounts").read_text().splitlines() if str(mountpoint) in m]
+        assert "allow_other" in line.split()[3]
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_datadirs_repeated_in_o_and_mount8s_own_options(
+    mountpoint: Path, two_datadirs: list[Datadir]
+) -> None:
+    """Each ``datadirs=`` in -o adds a datadir; mount(8)'s own options are
+    dropped before FUSE sees them (FUSE would refuse them)."""
+    fast, big = two_datadirs
+    own = "noauto,user,comment=pool,x-systemd.requires=local-fs.target,_netdev,nofail"
+    options = f"datadirs={fast.spec},{own},datadirs={big.spec}"
+    result = run_fusestore("none", str(mountpoint), "-o", options)
+    assert result.returncode == 0, result.stderr
+    try:
+        report = status.read(str(mountpoint))
+        assert [row["path"] for row in report["datadirs"]] == [str(fast.path), str(big.path)]
+        (line,) = [m for m in Path("/proc/mounts").read_text().splitlines() if str(mountpoint) in m]
+        mounted_options = line.split()[3].split(",")
+        assert {"noauto", "user", "_netdev", "nofail"}.isdisjoint(mounted_options)
+        assert not [o for o in mounted_options if o.startswith(("comment", "x-systemd"))]
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)

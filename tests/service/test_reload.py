@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -55,6 +56,7 @@ def test_sighup_reloads_datadirs_priorities_and_reserve(
     assert rows[str(new.path)]["priority"] == 0
     assert report["min_free_space"] == 16 * MiB
     assert (mountpoint / "before").read_bytes() == b"1"  # still visible and usable
-    with pytest.raises(OSError):  # new is at its reserve and old takes no new files
+    with pytest.raises(OSError) as caught:  # new is at its reserve, old takes no new files
         (mountpoint / "nowhere").write_bytes(b"x")
+    assert caught.value.errno == errno.ENOSPC
     assert not (old.path / "nowhere").exists()

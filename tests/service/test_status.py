@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import stat
+import subprocess
 from pathlib import Path
 
 from fusestore.admin import status
@@ -12,6 +16,7 @@ from tests.conftest import (
     TmpfsFactory,
     daemon_pid,
     run_fusestore,
+    wait_for_exit,
 )
 
 
@@ -71,3 +76,44 @@ def test_status_of_something_else_is_a_clear_error(tmp_path: Path) -> None:
     result = run_fusestore("status", str(tmp_path))
     assert result.returncode == 1
     assert "not a fusestore mount" in result.stderr
+
+
+def test_status_is_versioned_and_answers_on_the_documented_socket(
+    mountpoint: Path, two_datadirs: list[Datadir]
+) -> None:
+    assert (
+        run_fusestore("mount", "--datadirs", two_datadirs[0].spec, str(mountpoint)).returncode == 0
+    )
+    digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:32]
+    path = Path("/run/fusestore") / f"{digest}.sock"
+    assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o666
+    report = json.loads(run_fusestore("status", "--json", str(mountpoint)).stdout)
+    assert report["version"] == 1
+    assert [row["state"] for row in report["datadirs"]] == ["ok"]
+    subprocess.run(["umount", str(mountpoint)], check=True)
+    assert wait_for_exit(report["pid"])
+    assert not path.exists()  # removed when the daemon ends
+
+
+def test_a_datadir_whose_directory_is_gone_is_vanished(tmp_path: Path, mountpoint: Path) -> None:
+    kept, doomed = tmp_path / "kept", tmp_path / "doomed"
+    assert run_fusestore(f"{kept}:2,{doomed}:1", str(mountpoint)).returncode == 0
+    shutil.rmtree(doomed)
+    states = {r["path"]: r["state"] for r in status.read(str(mountpoint))["datadirs"]}
+    assert states == {str(kept): "ok", str(doomed): "vanished"}
+    (mountpoint / "still").write_bytes(b"works")
+    assert (kept / "still").read_bytes() == b"works"
+
+
+def test_totals_count_a_filesystem_shared_by_datadirs_once(
+    mountpoint: Path, tmpfs: TmpfsFactory
+) -> None:
+    shared = tmpfs("shared", 32)
+    halves = [shared / "a", shared / "b"]
+    assert run_fusestore(f"{halves[0]}:1,{halves[1]}:1", str(mountpoint)).returncode == 0
+    report = status.read(str(mountpoint))
+    vfs = os.statvfs(shared)
+    assert report["totals"]["size_bytes"] == vfs.f_blocks * vfs.f_frsize  # not twice
+    assert [row["size_bytes"] for row in report["datadirs"]] == [vfs.f_blocks * vfs.f_frsize] * 2
+    df = os.statvfs(mountpoint)
+    assert df.f_blocks * df.f_frsize == vfs.f_blocks * vfs.f_frsize
