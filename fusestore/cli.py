@@ -227,7 +227,7 @@ def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any
     overrides, fuse_options = split_mount_options(args.mount_options)
     config_file = None if args.config is None else os.path.abspath(args.config)
     if args.source is not None and not os.path.isabs(args.source):
-        if not ({"datadir", "datadirs"} & overrides.keys()):
+        if os.path.exists(args.source) or not ({"datadir", "datadirs"} & overrides.keys()):
             raise ConfigError(
                 f"mount source {args.source!r} is a relative path; mount(8), fstab and "
                 "systemd run fusestore from any directory, so give absolute paths"
