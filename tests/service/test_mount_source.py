@@ -123,3 +123,17 @@ def test_the_mounted_source_names_the_datadirs(tmp_path: Path, mountpoint: Path)
         assert df.stdout.splitlines()[1].startswith(f"{tmp_path}/a\\,b:3")
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_a_relative_source_naming_a_file_is_refused_even_with_o_datadirs(
+    tmp_path: Path, mountpoint: Path
+) -> None:
+    """A label is a word that names nothing; a relative config file would be
+    silently ignored."""
+    (tmp_path / "images.toml").write_text('datadirs = ["/srv/a:1"]\n')
+    result = run_fusestore(
+        "images.toml", str(mountpoint), "-o", f"datadirs={tmp_path}/d:1", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "'images.toml' is a relative path" in result.stderr
+    assert not is_mounted(mountpoint) and not (tmp_path / "d").exists()
