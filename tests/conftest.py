@@ -58,6 +58,15 @@ def is_mounted(path: Path) -> bool:
     return any(line.split(" ")[1:2] == [str(path)] for line in mount_points if line)
 
 
+def mount_options(path: Path) -> list[str]:
+    """The options of the mount at ``path``, as /proc/self/mounts lists them."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split(" ")
+        if fields[1:2] == [str(path)]:
+            return fields[3].split(",")
+    raise AssertionError(f"{path} is not mounted")
+
+
 def force_unmount(path: Path) -> None:
     """fusermount3 -u, then lazily as a last resort; never raises."""
     for flags in ("-u", "-uz"):

@@ -17,6 +17,7 @@ from tests.conftest import (
     MountFactory,
     TmpfsFactory,
     open_path_to,
+    run_as_nobody,
 )
 
 
@@ -194,23 +195,14 @@ def test_permissions_are_checked_by_the_kernel(
     shared.path("public").write_bytes(b"hello")
     os.chmod(shared.path("public"), 0o644)
     open_path_to(shared.mountpoint)
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
-    denied = subprocess.run(
-        [*as_nobody, "cat", str(shared.path("root-only"))],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert denied.returncode != 0
+    denied = run_as_nobody("cat", str(shared.path("root-only")))
+    assert denied.returncode == 1
     assert "Permission denied" in denied.stderr
-    allowed = subprocess.run(
-        [*as_nobody, "cat", str(shared.path("public"))], capture_output=True, check=False
-    )
-    assert allowed.stdout == b"hello"
-    created = subprocess.run(
-        [*as_nobody, "touch", str(shared.path("by-nobody"))], capture_output=True, check=False
-    )
-    assert created.returncode != 0  # the mount's root mirrors the 0755 datadir
+    allowed = run_as_nobody("cat", str(shared.path("public")))
+    assert allowed.returncode == 0 and allowed.stdout == "hello"
+    created = run_as_nobody("touch", str(shared.path("by-nobody")))
+    assert created.returncode == 1  # the mount's root mirrors the 0755 datadir
+    assert "Permission denied" in created.stderr
     assert shared.holders("by-nobody") == []
 
 
