@@ -25,6 +25,9 @@ import pytest
 
 from fusestore.admin import status
 
+# The datadir that fails on demand (tests/faulty.py) is a fixture for every test.
+pytest_plugins = ["tests.faulty"]
+
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
 TmpfsFactory = Callable[[str, int], Path]
@@ -183,6 +186,16 @@ def files_below(path: Path) -> dict[str, bytes]:
                 continue
             found[relative] = file.read_bytes()
     return found
+
+
+def eventually(check: Callable[[], bool], seconds: float = 5) -> bool:
+    """Whether ``check()`` becomes true within ``seconds`` (polled: a bounded wait)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def open_path_to(path: Path) -> None:

@@ -17,9 +17,11 @@ from tests.conftest import (
     MountFactory,
     TmpfsFactory,
     dd,
+    files_below,
     incoming_files,
     used_bytes,
 )
+from tests.faulty import FaultyFactory
 
 
 def test_48mib_write_spills_from_full_datadir_into_the_larger_one(
@@ -86,3 +88,25 @@ def test_existing_file_grows_into_another_datadir(
         f.write(more)
     assert mounted.holders("log") == [large.path]
     assert mounted.path("log").read_bytes() == first + more
+
+
+def test_efbig_from_the_datadir_moves_the_file_too(
+    faulty_datadir: FaultyFactory, tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    """EFBIG (the file is too large for that filesystem) is "no room here" as
+    ENOSPC is: the file moves on, the writer notices nothing."""
+    faulty = faulty_datadir("limited", 64)
+    roomy = Datadir(tmpfs("roomy", 64), 1)
+    mounted = mount_pool([Datadir(faulty.path, 2), roomy])
+    data = os.urandom(3 * MiB)
+    fd = os.open(mounted.path("image"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, data[: 1 * MiB])
+        faulty.fail("write", ".fusestore/incoming/*", "EFBIG")
+        os.write(fd, data[1 * MiB :])
+    finally:
+        os.close(fd)
+    assert mounted.holders("image") == [roomy.path]
+    assert (roomy.path / "image").read_bytes() == data
+    assert files_below(faulty.backing) == {}  # nothing left behind, private area included
+    assert "moved 'image'" in mounted.log()
