@@ -19,7 +19,7 @@ import logging.handlers
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from fusestore import __version__
 from fusestore.pool.config import (
@@ -151,6 +151,14 @@ def _add_mount_parser(commands: Any) -> None:
     mount.add_argument("--debug", action="store_const", const=True, help="log every request")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as settings are: one line on
+    stderr naming it, exit status 2 (argparse alone prints its usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _whole_number(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}")
@@ -158,7 +166,7 @@ def _whole_number(text: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fusestore",
         description="Pool several prioritized directories (datadirs) into one "
         "flat FUSE directory of files, placing each new file like OpenStack "

@@ -33,14 +33,22 @@ REPO = Path(__file__).resolve().parents[1]
 TmpfsFactory = Callable[[str, int], Path]
 MountFactory = Callable[..., "MountedPool"]
 MOUNT_WAIT_SECONDS = 15
-# "devfuse": every mount of start_mount gets --no-io-uring (scripts/test's second run).
+# "devfuse": every daemon the tests start gets --no-io-uring (scripts/test's second run).
 TRANSPORT = os.environ.get("FUSESTORE_TEST_TRANSPORT", "default")
+_COMMANDS = ("mount", "status", "check")
 WATCHDOG_SECONDS = 110  # a little under the pytest-timeout in pyproject.toml
 
 
 def fusestore_command(*args: str) -> list[str]:
-    """The fusestore CLI of the interpreter running the tests."""
-    return [sys.executable, "-m", "fusestore", *args]
+    """The fusestore CLI of the interpreter running the tests; a mount in the
+    run's transport (``FUSESTORE_TEST_TRANSPORT``)."""
+    command = [sys.executable, "-m", "fusestore", *args]
+    if TRANSPORT == "devfuse" and args and "--help" not in args:
+        if args[0] == "mount":
+            command.append("--no-io-uring")
+        elif args[0] not in _COMMANDS and not args[0].startswith("-") and len(args) >= 2:
+            command += ["-o", "no_io_uring"]  # the mount(8) form
+    return command
 
 
 def run_fusestore(
@@ -355,8 +363,6 @@ def start_mount(
     args = ["mount", "-f", str(mountpoint)]
     for datadir in datadirs:
         args += ["--datadirs", datadir.spec]
-    if TRANSPORT == "devfuse":
-        args.append("--no-io-uring")
     log_file = log_path.open("ab")
     process = subprocess.Popen(
         fusestore_command(*args, *extra_args), stdout=log_file, stderr=log_file

@@ -3,6 +3,12 @@
 The kernel asks for entries after the ``off`` of the last entry it took, and
 may take fewer entries than a reply holds; these tests read listings that
 way, with replies parsed as ``struct fuse_dirent``.
+
+The parts of a listing after the first come through a queue that a worker
+fills. Here that queue is scripted (:class:`ScriptedParts`): each part is
+either there before the reader asks for it or arrives only once the reader
+waits for it, chosen by the test, so that which replies wait is decided by
+the test and not by thread timing.
 """
 
 from __future__ import annotations
@@ -10,9 +16,7 @@ from __future__ import annotations
 import errno
 import random
 import struct
-import threading
-import time
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 
 import pytest
 
@@ -40,6 +44,35 @@ def parse(reply: bytes | memoryview) -> list[tuple[int, int, bytes]]:
     return entries
 
 
+class ScriptedParts:
+    """The rest of a listing (parts, then None), each either already there
+    or arriving only when the reader waits for it.
+
+    Duck-types the ``SimpleQueue`` a listing reads: ``get(block=False)``
+    raises ``Empty`` while the next item has not arrived; ``get(block=True)``
+    is the reader waiting, which a real queue would block on until the
+    worker puts the item, and is recorded in ``waits``.
+    """
+
+    def __init__(self, items: list[PackedPart | BaseException | None], early: list[bool]) -> None:
+        self._items = list(items)
+        self._early = list(early)
+        self.waits: list[PackedPart | BaseException | None] = []  # what each wait got
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object:
+        assert self._items, "read past the end of the listing"
+        if not self._early[0]:
+            if not block:
+                raise Empty
+            self.waits.append(self._items[0])
+        self._early.pop(0)
+        return self._items.pop(0)
+
+    @property
+    def left(self) -> int:
+        return len(self._items)
+
+
 def read_all(listing: PackedListing, rng: random.Random) -> list[tuple[int, int, bytes]]:
     """Read to the end like the kernel: each time taking only some of the reply."""
     taken: list[tuple[int, int, bytes]] = []
@@ -48,19 +81,6 @@ def read_all(listing: PackedListing, rng: random.Random) -> list[tuple[int, int,
         taken += entries[: rng.randint(1, len(entries))]
         offset = taken[-1][1]
     return taken
-
-
-def listing_of(parts: list[PackedPart], delay: float = 0) -> PackedListing:
-    rest: SimpleQueue = SimpleQueue()
-
-    def feed() -> None:
-        for part in parts[1:]:
-            time.sleep(delay)
-            rest.put(part)
-        rest.put(None)
-
-    threading.Thread(target=feed, daemon=True).start()
-    return PackedListing(parts[0], rest)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -81,7 +101,13 @@ def test_every_name_once_with_its_inode_however_the_listing_is_read(seed: int) -
         PackedPart(each, known, index, dots_inode=dots if index == 0 else None)
         for index, each in enumerate(part_names)
     ]
-    entries = read_all(listing_of(parts, delay=rng.choice([0, 0.001])), rng)
+    # Each later part (and the end) is either ready or still being packed.
+    early = [rng.random() < 0.5 for _ in parts]
+    rest = ScriptedParts([*parts[1:], None], early)
+    entries = read_all(PackedListing(parts[0], rest), rng)
+    assert rest.left == 0
+    # Only what had not arrived was waited for, each exactly once.
+    assert len(rest.waits) == early.count(False)
     if dots is not None:
         assert [(ino, name) for ino, _, name in entries[:2]] == [(1, b"."), (1, b"..")]
         entries = entries[2:]
@@ -93,27 +119,37 @@ def test_every_name_once_with_its_inode_however_the_listing_is_read(seed: int) -
     assert all(ino == known[name] for ino, _, name in entries if name in known)
 
 
-def test_a_reply_never_waits_for_a_part_if_it_has_entries_already() -> None:
-    rest: SimpleQueue = SimpleQueue()
+def test_a_reply_with_entries_already_does_not_wait_for_the_next_part() -> None:
+    second = PackedPart([b"second"], {}, 1)
+    rest = ScriptedParts([second, None], early=[False, False])
     listing = PackedListing(PackedPart([b"first"], {}, 0), rest)
+    # The second part is still being packed: the reply is the first part alone.
     first = parse(listing.chunk(0, 4096))
     assert [name for _, _, name in first] == [b"first"]
-    threading.Timer(0.05, rest.put, [PackedPart([b"second"], {}, 1)]).start()
-    started = time.monotonic()
-    # Nothing left to answer with: waits for the next part.
-    second = parse(listing.chunk(first[-1][1], 4096))
-    assert time.monotonic() - started >= 0.04
-    assert [name for _, _, name in second] == [b"second"]
-    rest.put(None)
-    assert parse(listing.chunk(second[-1][1], 4096)) == []
+    assert rest.waits == []
+    # Nothing left to answer with: now the reply waits for the second part.
+    assert [name for _, _, name in parse(listing.chunk(first[-1][1], 4096))] == [b"second"]
+    assert rest.waits == [second]
 
 
-def test_a_failed_listing_answers_eio() -> None:
+def test_a_reply_takes_in_parts_that_are_ready_without_waiting() -> None:
+    second, third = PackedPart([b"second"], {}, 1), PackedPart([b"third"], {}, 2)
+    rest = ScriptedParts([second, third, None], early=[True, True, False])
+    listing = PackedListing(PackedPart([b"first"], {}, 0), rest)
+    entries = parse(listing.chunk(0, 4096))
+    assert [name for _, _, name in entries] == [b"first", b"second", b"third"]
+    assert rest.waits == []  # the end of the listing had not arrived: not waited for
+    assert parse(listing.chunk(entries[-1][1], 4096)) == []
+    assert rest.waits == [None]
+
+
+def test_a_failed_listing_answers_eio_after_the_entries_before() -> None:
     rest: SimpleQueue = SimpleQueue()
     rest.put(RuntimeError("worker failed"))
     listing = PackedListing(PackedPart([b"only"], {}, 0), rest)
     (entry,) = parse(listing.chunk(0, 4096))
-    with pytest.raises(OSError) as caught:
+    assert entry[2] == b"only"
+    with pytest.raises(OSError, match=r"listing failed: RuntimeError\('worker failed'\)") as caught:
         listing.chunk(entry[1], 4096)
     assert caught.value.errno == errno.EIO
 

@@ -1,9 +1,16 @@
-"""Many writers and readers at once: no corruption, no deadlock."""
+"""Many writers and readers at once: no corruption, no deadlock.
+
+Readers check every read: what a file holds at any moment is bytes its
+writers wrote, at their offsets, and nothing else. Where a test needs a
+read at a given point of a write (half-way, after the end), writer and
+reader hand over with a barrier, not by timing.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +21,7 @@ from tests.conftest import Datadir, MiB, MountedPool, MountFactory, TmpfsFactory
 
 WORKERS = 16
 CHUNK = 64 * 1024
+HANDOVER_SECONDS = 60  # a barrier that waits longer means a hang: fail instead
 
 
 @pytest.fixture
@@ -27,69 +35,135 @@ def pattern(seed: int, size: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
-def pwrite_in_chunks(path: Path, data: bytes, start: int, pause: float = 0.0) -> None:
+def pwrite_in_chunks(path: Path, data: bytes, start: int) -> None:
     """Write ``data`` at ``start`` through a descriptor of its own, a chunk at a time."""
     fd = os.open(path, os.O_WRONLY)
     try:
         for offset in range(0, len(data), CHUNK):
             os.pwrite(fd, data[offset : offset + CHUNK], start + offset)
-            if pause:
-                time.sleep(pause)
     finally:
         os.close(fd)
 
 
-def test_sixteen_writers_and_readers_on_distinct_files(pool: MountedPool) -> None:
+def assert_written_or_not_yet(seen: bytes, expected: bytes) -> None:
+    """Each byte of ``seen`` is the written one or still zero (a hole, or a
+    write being copied in at that moment); nothing past ``expected``."""
+    assert len(seen) <= len(expected)
+    for offset in range(0, len(seen), CHUNK):
+        got, want = seen[offset : offset + CHUNK], expected[offset : offset + CHUNK]
+        if got == want or not any(got):
+            continue
+        wrong = [i for i, byte in enumerate(got) if byte not in (0, want[i])]
+        assert not wrong, f"byte {offset + wrong[0]} is {got[wrong[0]]}, not 0 or {want[wrong[0]]}"
+
+
+def handing_over(barrier: threading.Barrier):
+    """Run ``work`` and break ``barrier`` if it fails, so that its partner fails too."""
+
+    def run(work, *args) -> None:
+        try:
+            work(*args)
+        except BaseException:
+            barrier.abort()
+            raise
+
+    return run
+
+
+def test_sixteen_readers_each_see_exactly_what_their_writer_wrote_so_far(
+    pool: MountedPool,
+) -> None:
     size = 4 * MiB
+    checkpoints = (MiB, 5 * MiB // 2, size)  # the last one after close()
+    barriers = [threading.Barrier(2, timeout=HANDOVER_SECONDS) for _ in range(WORKERS)]
 
     def write(index: int) -> None:
         data = pattern(index, size)
         fd = os.open(pool.path(f"file-{index}"), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+        written = 0
         try:
-            for offset in range(0, size, CHUNK):
-                os.write(fd, data[offset : offset + CHUNK])
+            for checkpoint in checkpoints[:-1]:
+                while written < checkpoint:
+                    written += os.write(fd, data[written : min(written + CHUNK, checkpoint)])
+                barriers[index].wait()  # the reader reads now
+                barriers[index].wait()  # and is done
+            while written < size:
+                written += os.write(fd, data[written : written + CHUNK])
         finally:
             os.close(fd)
+        barriers[index].wait()
 
-    def read_while_written(index: int) -> None:
-        """Whatever part of the file exists must already be the right bytes."""
+    def read(index: int) -> None:
+        """The file, open for writing meanwhile, read by a new open and a kept one."""
         expected = pattern(index, size)
-        for _ in range(20):
-            try:
-                seen = pool.path(f"file-{index}").read_bytes()
-            except FileNotFoundError:
-                continue
-            assert seen == expected[: len(seen)]
+        barriers[index].wait()
+        kept = os.open(pool.path(f"file-{index}"), os.O_RDONLY)
+        try:
+            for number, checkpoint in enumerate(checkpoints):
+                if number:
+                    barriers[index].wait()
+                assert pool.path(f"file-{index}").read_bytes() == expected[:checkpoint]
+                assert os.pread(kept, size + 1, 0) == expected[:checkpoint]
+                if checkpoint < size:
+                    barriers[index].wait()
+        finally:
+            os.close(kept)
 
     with ThreadPoolExecutor(max_workers=2 * WORKERS) as executor:
-        writers = [executor.submit(write, i) for i in range(WORKERS)]
-        readers = [executor.submit(read_while_written, i) for i in range(WORKERS)]
-        for future in writers + readers:
+        futures = [
+            executor.submit(handing_over(barriers[i]), work, i)
+            for i in range(WORKERS)
+            for work in (write, read)
+        ]
+        for future in futures:
             future.result(timeout=90)
+    spilled = 0
     for index in range(WORKERS):
         assert pool.path(f"file-{index}").read_bytes() == pattern(index, size)
         (holder,) = pool.holders(f"file-{index}")
         assert (holder / f"file-{index}").read_bytes() == pattern(index, size)
+        spilled += holder == pool.datadirs[1].path
+    assert spilled > 0  # 64 MiB of files do not fit the 24 MiB top datadir
 
 
 def test_sixteen_writers_and_readers_on_one_shared_file(pool: MountedPool) -> None:
+    """Reader ``i`` reads region ``i`` while writer ``i`` writes it: half-way
+    (the writer waits), then until the writer is done, then once more."""
     region = 1 * MiB
     pool.path("shared").write_bytes(b"")
+    barriers = [threading.Barrier(2, timeout=HANDOVER_SECONDS) for _ in range(WORKERS)]
+    done = [threading.Event() for _ in range(WORKERS)]
 
     def write_region(index: int) -> None:
-        pwrite_in_chunks(pool.path("shared"), pattern(100 + index, region), index * region)
+        data = pattern(100 + index, region)
+        start = index * region
+        pwrite_in_chunks(pool.path("shared"), data[: region // 2], start)
+        barriers[index].wait()  # the reader reads the half-written region
+        barriers[index].wait()
+        pwrite_in_chunks(pool.path("shared"), data[region // 2 :], start + region // 2)
+        done[index].set()
 
-    def read_regions(_: int) -> None:
+    def read_region(index: int) -> None:
+        expected = pattern(100 + index, region)
         fd = os.open(pool.path("shared"), os.O_RDONLY)
         try:
-            for _ in range(20):
-                os.pread(fd, region, 0)
+            barriers[index].wait()
+            half = os.pread(fd, region, index * region)
+            assert half[: region // 2] == expected[: region // 2]
+            assert not any(half[region // 2 :])  # not written yet: a hole or the end
+            barriers[index].wait()
+            while not done[index].is_set():
+                assert_written_or_not_yet(os.pread(fd, region, index * region), expected)
+            assert os.pread(fd, region, index * region) == expected
         finally:
             os.close(fd)
 
     with ThreadPoolExecutor(max_workers=2 * WORKERS) as executor:
-        futures = [executor.submit(write_region, i) for i in range(WORKERS)]
-        futures += [executor.submit(read_regions, i) for i in range(WORKERS)]
+        futures = [
+            executor.submit(handing_over(barriers[i]), work, i)
+            for i in range(WORKERS)
+            for work in (write_region, read_region)
+        ]
         for future in futures:
             future.result(timeout=90)
     data = pool.path("shared").read_bytes()
@@ -101,30 +175,78 @@ def test_sixteen_writers_and_readers_on_one_shared_file(pool: MountedPool) -> No
 def test_overwrites_in_flight_while_the_file_moves_are_kept(pool: MountedPool) -> None:
     """Writes to one file overlap in the daemon; a move (its datadir filled
     up) must wait for the writes in flight, or those landing in the old copy
-    after it was copied are lost."""
+    after it was copied are lost.
+
+    Eight threads overwrite their regions again and again, each pass with
+    bytes of its own, from before a 12 MiB append pushes the file past its
+    datadir until after that append returned, and the test checks that
+    overwrites were under way while it ran. Each then stops after its current
+    pass, which must be what its region holds."""
     region = 2 * MiB
-    base = WORKERS * region // 2  # 16 MiB: fits the 24 MiB top datadir
+    writers = WORKERS // 2
+    base = writers * region  # 16 MiB: fits the 24 MiB top datadir
     pool.path("growing").write_bytes(bytes(base))
+    assert pool.holders("growing") == [pool.datadirs[0].path]
     tail = pattern(999, 12 * MiB)  # pushes the file past the top datadir
+    first_pass_done = threading.Barrier(writers + 1, timeout=HANDOVER_SECONDS)
+    appended = threading.Event()
+    last_pass = [0] * writers
+    overwrites: list[list[tuple[float, float]]] = [[] for _ in range(writers)]  # (start, end)
+    append_span: list[float] = []
+
+    def seed(index: int, number: int) -> int:
+        return 1000 * (index + 1) + number
 
     def overwrite(index: int) -> None:
-        # Paced, so that writes are in flight all through the move.
-        data = pattern(300 + index, region)
-        pwrite_in_chunks(pool.path("growing"), data, index * region, pause=0.0005)
+        fd = os.open(pool.path("growing"), os.O_WRONLY)
+        try:
+            number = 0
+            while number == 0 or not appended.is_set():
+                number += 1
+                data = pattern(seed(index, number), region)
+                for offset in range(0, region, CHUNK):
+                    started = time.monotonic()
+                    os.pwrite(fd, data[offset : offset + CHUNK], index * region + offset)
+                    overwrites[index].append((started, time.monotonic()))
+                if number == 1:
+                    first_pass_done.wait()
+            last_pass[index] = number
+        finally:
+            os.close(fd)
 
     def append() -> None:
-        pwrite_in_chunks(pool.path("growing"), tail, base)
+        first_pass_done.wait()
+        fd = os.open(pool.path("growing"), os.O_WRONLY)
+        try:
+            append_span.append(time.monotonic())
+            assert os.pwrite(fd, tail, base) == len(tail)
+            append_span.append(time.monotonic())
+        finally:
+            os.close(fd)
+            appended.set()
 
-    writers = WORKERS // 2
     with ThreadPoolExecutor(max_workers=writers + 1) as executor:
-        futures = [executor.submit(overwrite, i) for i in range(writers)]
-        futures.append(executor.submit(append))
+        futures = [
+            executor.submit(handing_over(first_pass_done), overwrite, i) for i in range(writers)
+        ]
+        futures.append(executor.submit(handing_over(first_pass_done), append))
         for future in futures:
             future.result(timeout=90)
+    # Which overwrites were under way while the append (and so the move) was.
+    append_start, append_end = append_span
+    overlapping = [
+        sum(start < append_end and end > append_start for start, end in spans)
+        for spans in overwrites
+    ]
+    assert sum(overlapping) > 0, "no overwrite was under way during the append"
     data = pool.path("growing").read_bytes()
     assert len(data) == base + len(tail)
     for index in range(writers):
-        assert data[index * region : (index + 1) * region] == pattern(300 + index, region), index
+        expected = pattern(seed(index, last_pass[index]), region)
+        assert data[index * region : (index + 1) * region] == expected, index
     assert data[base:] == tail
     rest = pool.datadirs[1]
     assert pool.holders("growing") == [rest.path]
+    assert (rest.path / "growing").read_bytes() == data
+    top = pool.datadirs[0]
+    assert f"from full datadir {top.path} to {rest.path}" in pool.log()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import subprocess
 import sys
@@ -130,16 +131,40 @@ def test_fuse_options_reach_the_mount(tmp_path: Path, mountpoint: Path) -> None:
         m for m in Path("/proc/self/mounts").read_text().splitlines() if str(mountpoint) in m
     ]
     assert "allow_other" in line and " ro," in line
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as caught:
         (mountpoint / "x").write_bytes(b"refused on a read-only mount")
+    assert caught.value.errno == errno.EROFS
+    assert not (tmp_path / "d" / "x").exists()
+
+
+# Every option of README's table, as ``fusestore mount --help`` shows it.
+README_OPTIONS = (
+    "--datadir PATH",
+    "--datadirs PATH[:PRIORITY]",
+    "--min-free-space SIZE",
+    "-f, --foreground",
+    "-o OPT[,OPT...]",
+    "--no-sync",
+    "--no-io-uring",
+    "--busy-poll MICROSECONDS",
+    "--config FILE",
+    "--metadata-file FILE",
+    "--log-file PATH",
+    "--debug",
+)
 
 
 def test_help_explains_every_option() -> None:
     result = subprocess.run(
         fusestore_command("mount", "--help"), capture_output=True, text=True, check=True
     )
-    for option in ("--datadir ", "--datadirs", "--min-free-space", "--foreground", "-o", "--debug"):
-        assert option in result.stdout
+    # Each option starts a line of its own, its explanation after two spaces or below.
+    options = {
+        re.split(r"\s{2,}", line.strip())[0]
+        for line in result.stdout.splitlines()
+        if line.startswith("  -")
+    }
+    assert set(README_OPTIONS) <= options, options
     assert "priority" in result.stdout and "fusermount3 -u" in result.stdout
 
 
@@ -149,9 +174,13 @@ def test_version() -> None:
     assert __version__ != "0+unknown"
 
 
-def test_console_script_is_installed() -> None:
+def test_console_script_prints_the_same_help_as_the_module() -> None:
     script = Path(sys.executable).parent / "fusestore"  # the venv's bin, not the real python's
-    assert subprocess.run([str(script), "--help"], capture_output=True, check=False).returncode == 0
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("usage: fusestore ")
+    assert result.stdout == run_fusestore("--help").stdout
 
 
 @pytest.mark.parametrize(
@@ -166,6 +195,8 @@ def test_console_script_is_installed() -> None:
 def test_every_command_explains_itself(command: list[str], expected: list[str]) -> None:
     result = run_fusestore(*command, "--help")
     assert result.returncode == 0
+    assert result.stderr == ""
+    assert result.stdout.startswith(" ".join(["usage: fusestore", *command]))
     text = re.sub(r"\s+", " ", result.stdout)
     for fragment in expected:
         assert fragment in text

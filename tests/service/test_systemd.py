@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from tests.conftest import (
@@ -38,14 +39,61 @@ def test_shipped_units_pass_systemd_analyze_verify() -> None:
     assert "Type=fuse.fusestore" in mount_unit and "Where=/var/lib/images" in mount_unit
 
 
-def test_notify_ready_only_once_the_mount_answers(
+def fill_queue(path: Path) -> tuple[socket.socket, int]:
+    """Fill the receive queue of the datagram socket at ``path`` from a socket
+    of our own, so that the next sender waits for room: (our socket, count)."""
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    count = 0
+    while True:
+        try:
+            filler.sendto(b"FILLER=1", str(path))
+        except BlockingIOError:
+            return filler, count
+        count += 1
+
+
+def datagram_waiting_in(pid: int) -> bytes | None:
+    """What a thread of ``pid`` that waits for room in a full datagram socket
+    (``sendto``, blocked in the kernel's ``unix_wait_for_peer``) is sending."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text() != "unix_wait_for_peer":
+                continue
+            # number, then the arguments: sendto(fd, buffer, length, ...)
+            _, _, buffer, length, *_ = (task / "syscall").read_text().split()
+            with open(f"/proc/{pid}/mem", "rb") as memory:
+                memory.seek(int(buffer, 16))
+                return memory.read(int(length, 16))
+        except (OSError, ValueError):
+            continue  # the thread moved on meanwhile
+    return None
+
+
+def mount_type(path: Path) -> str | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split(" ")
+        if fields[1] == str(path):
+            return fields[2]
+    return None
+
+
+def test_notify_ready_is_sent_only_once_the_mount_answers(
     tmp_path: Path, mountpoint: Path, two_datadirs: list[Datadir]
 ) -> None:
+    """systemd hears READY=1 once the mountpoint answers (README, *systemd*).
+
+    The notify socket's queue is full when the daemon starts, so its READY=1
+    waits in sendto until the test makes room: at that moment, READY being
+    sent and not yet heard, the mountpoint must already be a fusestore mount
+    that answers a stat and a statfs.
+    """
     config = write_config(tmp_path / "pool.toml", datadirs=[two_datadirs[0].spec])
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify_path = tmp_path / "notify.sock"
     listener.bind(str(notify_path))
     listener.settimeout(15)
+    filler, queued = fill_queue(notify_path)
     log = (tmp_path / "daemon.log").open("wb")
     daemon = subprocess.Popen(
         fusestore_command("mount", "--foreground", "--config", str(config), str(mountpoint)),
@@ -54,11 +102,28 @@ def test_notify_ready_only_once_the_mount_answers(
         stderr=log,
     )
     try:
-        message = listener.recv(4096).decode()
-        mounted_at_ready = is_mounted(mountpoint)
-        assert "READY=1" in message
-        assert mounted_at_ready
-        assert os.stat(mountpoint).st_dev != os.stat(mountpoint.parent).st_dev
+        deadline = time.monotonic() + 15
+        while (waiting := datagram_waiting_in(daemon.pid)) is None:
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+            assert time.monotonic() < deadline, "the daemon never sent READY=1"
+            time.sleep(0.01)
+        assert waiting == f"READY=1\nSTATUS=serving {mountpoint}".encode()
+        # READY=1 is being sent, not heard yet: the mount is there and answers.
+        assert mount_type(mountpoint) == "fuse.fusestore"
+        answers = subprocess.run(
+            ["stat", "--format=%i", str(mountpoint)], capture_output=True, text=True, timeout=10
+        )
+        assert answers.stdout.strip() == "1", answers.stderr  # the pool's root inode
+        answers = subprocess.run(
+            ["stat", "--file-system", "--format=%t", str(mountpoint)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert answers.stdout.strip() == "65735546", answers.stderr  # FUSE_SUPER_MAGIC
+        # Make room: the fillers come out, then READY=1, and nothing else.
+        assert [listener.recv(4096) for _ in range(queued)] == [b"FILLER=1"] * queued
+        assert listener.recv(4096).decode() == f"READY=1\nSTATUS=serving {mountpoint}"
         daemon.send_signal(signal.SIGHUP)
         assert "RELOADING=1" in listener.recv(4096).decode()
         assert "READY=1" in listener.recv(4096).decode()
@@ -69,5 +134,7 @@ def test_notify_ready_only_once_the_mount_answers(
     finally:
         if daemon.poll() is None:
             daemon.kill()
+            daemon.wait(timeout=10)
+        filler.close()
         listener.close()
         log.close()
