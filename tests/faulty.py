@@ -50,6 +50,7 @@ class FaultyDatadir:
     log_path: Path
     process: subprocess.Popen[bytes]
     rules: list[dict[str, str]] = field(default_factory=list)
+    name_max: int | None = None
 
     def fail(self, op: str, name: str, errno_name: str) -> None:
         """From the next request on, ``op`` on ``name`` (a basename, a path
@@ -61,12 +62,19 @@ class FaultyDatadir:
         rules = [r for r in self.rules if (r["op"], r["name"]) != (op, name)] + [rule]
         self._write(rules)
 
+    def limit_names(self, name_max: int) -> None:
+        """From now on statfs reports names of at most ``name_max`` bytes."""
+        self.name_max = name_max
+        self._write(self.rules)
+
     def heal(self) -> None:
         """No more faults, from the next request on."""
         self._write([])
 
     def _write(self, rules: list[dict[str, str]]) -> None:
-        document = {"faults": rules}
+        document: dict[str, object] = {"faults": rules}
+        if self.name_max is not None:
+            document["name_max"] = self.name_max
         parse_faults(document)  # a bad rule fails here, not silently in faultyfs
         temporary = self.control.with_name(f"{self.control.name}.tmp")
         temporary.write_text(json.dumps(document, indent=1) + "\n")

@@ -32,7 +32,9 @@ inode or an open file is matched against every name the inode has now (once
 unlinked, the last one it had): fusestore writes a new file under a hidden
 name (``.fusestore/incoming/…``) and links it under its name at close.
 Every injected fault is logged on stderr with the path it hit:
-``faultyfs: injected EIO into write of 'image'``.
+``faultyfs: injected EIO into write of 'image'``. An optional ``"name_max": N``
+makes statfs report names of at most N bytes, as a filesystem with a shorter
+limit than 255 would.
 
 ``op`` is one of :data:`OPERATIONS`. Every open is ``direct_io`` and every
 entry and attribute timeout 0, so each ``read``, ``write`` and ``lookup`` of
@@ -92,8 +94,10 @@ class Fault:
 
 def parse_faults(document: object) -> list[Fault]:
     """The rules of a control file's JSON document; ValueError says what is wrong."""
-    if not isinstance(document, dict) or set(document) - {"faults"}:
-        raise ValueError('the control file must be {"faults": [...]}')
+    if not isinstance(document, dict) or set(document) - {"faults", "name_max"}:
+        raise ValueError('the control file must be {"faults": [...], "name_max": N (optional)}')
+    if not isinstance(document.get("name_max", 0), int):
+        raise ValueError(f"name_max must be a whole number, not {document['name_max']!r}")
     faults = []
     for rule in document.get("faults", []):
         if not isinstance(rule, dict) or set(rule) != {"op", "name", "errno"}:
@@ -117,12 +121,15 @@ class Control:
         self.path = path
         self._seen: tuple[int, int, int] | None = None
         self.faults: list[Fault] = []
+        # The longest name statfs reports, if set: a filesystem with a limit
+        # shorter than 255 bytes (as some network or encrypting ones have).
+        self.name_max: int | None = None
 
     def refresh(self) -> None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._seen, self.faults = None, []
+            self._seen, self.faults, self.name_max = None, [], None
             return
         seen = (st.st_ino, st.st_mtime_ns, st.st_size)
         if seen == self._seen:
@@ -131,7 +138,9 @@ class Control:
         try:
             with open(self.path, encoding="utf-8") as f:
                 text = f.read()
-            self.faults = parse_faults(json.loads(text)) if text.strip() else []
+            document = json.loads(text) if text.strip() else {}
+            self.faults = parse_faults(document) if document else []
+            self.name_max = document.get("name_max")
         except (OSError, ValueError) as exc:
             log.error("faultyfs: ignoring control file %s: %s", self.path, exc)
             return
@@ -469,6 +478,9 @@ class FaultyOperations(pyfuse3.Operations):
             "f_namemax",
         ):
             setattr(data, attribute, getattr(vfs, attribute))
+        self.control.refresh()
+        if self.control.name_max is not None:
+            data.f_namemax = self.control.name_max
         return data
 
     # ----------------------------------------------------------- open files

@@ -24,6 +24,7 @@ from tests.conftest import (
     files_below,
     run_fusestore,
 )
+from tests.faulty import FaultyFactory
 
 
 @pytest.fixture
@@ -142,3 +143,26 @@ def test_a_listing_has_dot_and_dotdot(two: MountedPool) -> None:
     ).stdout.split()
     assert listed[:2] == [".", ".."]
     assert sorted(listed[2:]) == ["a", "b"]
+
+
+def test_new_names_must_fit_the_datadir_with_the_shortest_limit(
+    faulty_datadir: FaultyFactory, tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    """A file may be published in, or moved to, any datadir: a new name must
+    fit the smallest f_namemax; existing longer names stay reachable."""
+    short = faulty_datadir("short-names", 16)
+    short.limit_names(100)
+    roomy = Datadir(tmpfs("roomy", 16), 1)
+    (roomy.path / ("e" * 200)).write_bytes(b"already here")
+    pool = mount_pool([Datadir(short.path, 2), roomy])
+    assert os.statvfs(pool.mountpoint).f_namemax == 100
+    pool.path("s" * 100).write_bytes(b"fits")
+    assert (short.backing / ("s" * 100)).read_bytes() == b"fits"
+    refused = errno_of(lambda: os.open(pool.path("l" * 101), os.O_CREAT | os.O_WRONLY, 0o644))
+    assert refused == errno.ENAMETOOLONG
+    assert errno_of(lambda: os.rename(pool.path("s" * 100), pool.path("r" * 101))) == (
+        errno.ENAMETOOLONG
+    )
+    assert pool.path("e" * 200).read_bytes() == b"already here"
+    assert files_below(short.backing) == {"s" * 100: b"fits"}
+    assert files_below(roomy.path) == {"e" * 200: b"already here"}
