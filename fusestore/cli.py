@@ -224,6 +224,12 @@ def _setup_logging(debug: bool, log_file: str | None, background: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, handlers=handlers, force=True
     )
+    if background and not log_file and len(handlers) == 1:
+        log.warning(
+            "no --log-file and no syslog (%s): the daemon's log ends once it is in "
+            "the background",
+            _SYSLOG_SOCKET,
+        )
 
 
 def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
@@ -264,7 +270,7 @@ def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any
     return config_file, overrides
 
 
-def _fsname(args: argparse.Namespace, settings: Settings) -> str:
+def _fsname(args: argparse.Namespace, settings: Settings, overrides: dict[str, Any]) -> str:
     """What ``mount`` and ``df`` show as the pool's source.
 
     mount(8)'s own SOURCE when there is one (so that ``mount -a`` and
@@ -275,8 +281,8 @@ def _fsname(args: argparse.Namespace, settings: Settings) -> str:
     if args.source is not None:
         return args.source
     config = settings.pool_config()
-    if settings.config_file and not (args.datadir or args.datadirs):
-        return settings.config_file
+    if settings.config_file and not ({"datadir", "datadirs"} & overrides.keys()):
+        return settings.config_file  # its datadirs are the ones in use
     return ",".join(escape_list_item(f"{d.path}:{d.priority}") for d in config.datadirs)
 
 
@@ -307,7 +313,7 @@ def _mount(args: argparse.Namespace) -> int:
             raise ConfigError(f"mountpoint {args.mountpoint!r} is not an existing directory")
         _check_outside_mountpoint(mountpoint, settings)
         metadata = settings.metadata()
-        fsname = _fsname(args, settings)
+        fsname = _fsname(args, settings, overrides)
         pool = Pool(settings.pool_config())
     except ConfigError as exc:
         print(f"fusestore: {exc}", file=sys.stderr)

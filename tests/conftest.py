@@ -376,6 +376,11 @@ def start_mount(
             raise RuntimeError(f"fusestore did not mount {mountpoint}:\n{pool.log()}")
         time.sleep(0.05)
     os.stat(mountpoint)  # the first request completes FUSE's handshake
+    # The daemon is ready once its own check has answered; what it logs
+    # after that belongs to the test.
+    if not eventually(lambda: "INFO ready: " in pool.log(), MOUNT_WAIT_SECONDS):
+        pool.stop()
+        raise RuntimeError(f"fusestore never logged that {mountpoint} is ready:\n{pool.log()}")
     pool._watchdog = threading.Timer(WATCHDOG_SECONDS, _kill, args=(process,))
     pool._watchdog.daemon = True
     pool._watchdog.start()

@@ -110,7 +110,12 @@ class Pool:
             datadir.priority = priorities.get(datadir.path, datadir.priority)
         for datadir in added:
             log.info("datadir %s (priority %d) joins the pool", datadir.path, datadir.priority)
-        self.datadirs = lookup_order([*self.datadirs, *added])
+        # In the config's order, so that datadirs of one priority are looked
+        # up (and tie) as given; retired ones after them.
+        by_path = {datadir.path: datadir for datadir in [*self.datadirs, *added]}
+        in_config = [by_path[spec.path] for spec in config.datadirs]
+        retired = [datadir for datadir in self.datadirs if datadir.retired]
+        self.datadirs = lookup_order([*in_config, *retired])
         self._datadir_by_path = {datadir.path: datadir for datadir in self.datadirs}
         self.min_free_space = config.min_free_space
         self.sync = config.sync

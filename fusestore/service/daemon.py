@@ -102,7 +102,9 @@ def serve(
     )
     unmount = True
     try:
-        trio.run(_serve_until_done, pool, server, mountpoint, loop, on_ready, reload, facts)
+        answered = trio.run(
+            _serve_until_done, pool, server, mountpoint, loop, on_ready, reload, facts
+        )
     except BaseException:
         # The session may be in any state: do not risk a second error while
         # unmounting; fusermount3 -u still works.
@@ -114,6 +116,8 @@ def serve(
         _close_status(server, server_path)
         pool.stop()
         log.info("unmounted %s", mountpoint)
+    if not answered:
+        raise MountError(f"{mountpoint} was mounted but did not answer: unmounted again")
 
 
 def _close_status(server: socket.socket, path: str) -> None:
@@ -130,18 +134,30 @@ async def _serve_until_done(
     on_ready: Callable[[], None],
     reload: Callable[[], None] | None,
     facts: dict[str, Any],
-) -> None:
+) -> bool:
+    """Serve until unmounted or stopped; False if the mount never answered."""
     notifier = sdnotify.SystemdNotifier()
+    answered = True
+
+    async def announce() -> None:
+        nonlocal answered
+        answered = await _announce_when_usable(mountpoint, notifier, on_ready)
+        if not answered:
+            loop.stop()  # the mount is of no use; the command must fail
+
     async with trio.open_nursery() as nursery:
         # Started, not just scheduled: a signal must find its receiver in
         # place from the first request.
         await nursery.start(_handle_signals, notifier, loop, reload)
         await nursery.start(_answer_status, server, pool, facts, loop)
-        nursery.start_soon(_announce_when_usable, mountpoint, notifier, on_ready)
+        nursery.start_soon(announce)
         # Requests are answered in a thread of their own: they never wait for
         # trio, and trio (signals, status) never waits for them.
         await trio.to_thread.run_sync(loop.run)
+        # Also when unmounted from outside, not only on a signal.
+        notifier.notify("STOPPING=1")
         nursery.cancel_scope.cancel()
+    return answered
 
 
 async def _answer_status(
@@ -169,7 +185,9 @@ async def _answer_status(
 
 async def _announce_when_usable(
     mountpoint: str, notifier: sdnotify.SystemdNotifier, on_ready: Callable[[], None]
-) -> None:
+) -> bool:
+    """Tell the parent (or systemd) the mount is usable, once it has answered a
+    request; whether it did (if not, neither hears that it is ready)."""
     # Our own main loop must answer this stat: only then is the mount usable.
     # Another process asks, not a thread of ours: a thread waiting on our own
     # mount when the daemon is killed (-9) keeps the process, and so
@@ -181,9 +199,11 @@ async def _announce_when_usable(
     )
     if asked.returncode != 0:
         log.error("%s does not answer a stat (exit %d)", mountpoint, asked.returncode)
+        return False
     on_ready()
     notifier.notify(f"READY=1\nSTATUS=serving {mountpoint}")
     log.info("ready: %s answers", mountpoint)
+    return True
 
 
 async def _handle_signals(

@@ -87,3 +87,15 @@ def test_a_background_daemon_without_a_log_file_logs_to_syslog(
     subprocess.run(["umount", str(mountpoint)], check=True)
     received(syslog, f"unmounted {mountpoint}")
     assert wait_for_exit(pid)
+
+
+def test_a_daemon_that_would_lose_its_log_says_so_before_it_goes(
+    mountpoint: Path, tmpfs: TmpfsFactory
+) -> None:
+    if SYSLOG_SOCKET.exists():
+        pytest.skip("this machine has a syslog socket: the log is not lost")
+    datadir = Datadir(tmpfs("d", 16), 0)
+    result = run_fusestore("mount", "--datadirs", datadir.spec, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert "no --log-file and no syslog (/dev/log)" in result.stderr
+    subprocess.run(["umount", str(mountpoint)], check=True)

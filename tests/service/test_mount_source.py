@@ -137,3 +137,18 @@ def test_a_relative_source_naming_a_file_is_refused_even_with_o_datadirs(
     assert result.returncode == 2
     assert "'images.toml' is a relative path" in result.stderr
     assert not is_mounted(mountpoint) and not (tmp_path / "d").exists()
+
+
+def test_a_config_file_whose_datadirs_are_replaced_is_not_the_source(
+    tmp_path: Path, mountpoint: Path, tmpfs: TmpfsFactory
+) -> None:
+    used = Datadir(tmpfs("used", 16), 1)
+    config = write_config(tmp_path / "pool.toml", datadirs=[f"{tmp_path}/unused:1"])
+    result = run_fusestore(
+        "mount", "--config", str(config), "-o", f"datadirs={used.spec}", str(mountpoint)
+    )
+    assert result.returncode == 0, result.stderr
+    try:
+        assert mounted_source(mountpoint) == used.spec
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)

@@ -60,3 +60,32 @@ def test_sighup_reloads_datadirs_priorities_and_reserve(
         (mountpoint / "nowhere").write_bytes(b"x")
     assert caught.value.errno == errno.ENOSPC
     assert not (old.path / "nowhere").exists()
+
+
+def test_a_reload_reorders_datadirs_and_new_priorities_place_the_next_file(
+    tmp_path: Path, mountpoint: Path, tmpfs: TmpfsFactory
+) -> None:
+    """Datadirs of one priority are looked up, and tie, in the config's order,
+    also after a reload; a changed priority places the very next new file."""
+    a, b = tmpfs("a", 16), tmpfs("b", 16)
+    (a / "both").write_bytes(b"from a")
+    (b / "both").write_bytes(b"from b")
+    config = write_config(tmp_path / "pool.toml", datadirs=[f"{a}:5", f"{b}:5"])
+    log_file = tmp_path / "daemon.log"
+    args = ["mount", "--config", str(config), "--log-file", str(log_file), str(mountpoint)]
+    assert run_fusestore(*args).returncode == 0
+    pid = daemon_pid(mountpoint)
+    assert (mountpoint / "both").read_bytes() == b"from a"
+
+    write_config(config, datadirs=[f"{b}:5", f"{a}:5"])
+    os.kill(pid, signal.SIGHUP)
+    wait_for_log(log_file, "reloaded")
+    assert (mountpoint / "both").read_bytes() == b"from b"
+    assert [row["path"] for row in status.read(str(mountpoint))["datadirs"]] == [str(b), str(a)]
+
+    write_config(config, datadirs=[f"{b}:5", f"{a}:9"])
+    os.kill(pid, signal.SIGHUP)
+    wait_for_log(log_file, "reloaded", count=2)
+    (mountpoint / "next").write_bytes(b"placed by the new priority")
+    assert (a / "next").read_bytes() == b"placed by the new priority"
+    assert not (b / "next").exists()

@@ -138,3 +138,33 @@ def test_notify_ready_is_sent_only_once_the_mount_answers(
         filler.close()
         listener.close()
         log.close()
+
+
+def test_notify_stopping_when_unmounted_from_outside(
+    tmp_path: Path, mountpoint: Path, two_datadirs: list[Datadir]
+) -> None:
+    """`umount` (not a signal) ends the daemon: systemd still hears STOPPING=1."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = tmp_path / "notify.sock"
+    listener.bind(str(notify_path))
+    listener.settimeout(15)
+    log = (tmp_path / "daemon.log").open("wb")
+    daemon = subprocess.Popen(
+        fusestore_command(
+            "mount", "--foreground", "--datadirs", two_datadirs[0].spec, str(mountpoint)
+        ),
+        env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        assert listener.recv(4096).decode().startswith("READY=1")
+        subprocess.run(["umount", str(mountpoint)], check=True)
+        assert listener.recv(4096).decode() == "STOPPING=1"
+        assert daemon.wait(timeout=20) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=10)
+        listener.close()
+        log.close()
