@@ -296,6 +296,24 @@ def unmount_datadir(path: Path, seconds: float = 5) -> None:
             time.sleep(0.05)
 
 
+def remount(path: Path, mode: str) -> None:
+    """Remount the filesystem at ``path`` (``ro``, ``rw``), retrying while busy.
+
+    FUSE sends RELEASE after close() has returned, so the daemon may hold
+    a just-closed file open for writing a moment longer, and a filesystem
+    refuses a read-only remount until it lets go.
+    """
+    command = ["mount", "-o", f"remount,{mode}", str(path)]
+    deadline = time.monotonic() + 10
+    while True:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            return
+        if "busy" not in result.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"{' '.join(command)} failed: {result.stderr.strip()}")
+        time.sleep(0.05)
+
+
 class Ext4Disk:
     """A loop-mounted ext4 image: a real disk that can fail, go read-only or vanish."""
 
@@ -308,21 +326,7 @@ class Ext4Disk:
         subprocess.run(["mount", "-o", opts, str(self.image), str(self.path)], check=True)
 
     def remount(self, mode: str) -> None:
-        """Remount, retrying while busy.
-
-        FUSE sends RELEASE after close() has returned, so the daemon may hold
-        a just-closed file open for writing a moment longer, and ext4 refuses
-        a read-only remount until it lets go.
-        """
-        command = ["mount", "-o", f"remount,{mode}", str(self.path)]
-        deadline = time.monotonic() + 10
-        while True:
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            if result.returncode == 0:
-                return
-            if "busy" not in result.stderr or time.monotonic() > deadline:
-                raise AssertionError(f"{' '.join(command)} failed: {result.stderr.strip()}")
-            time.sleep(0.05)
+        remount(self.path, mode)
 
     def unmount(self) -> None:
         """Lazily, as a disk yanked from under a running daemon would go."""
