@@ -226,8 +226,7 @@ def _setup_logging(debug: bool, log_file: str | None, background: bool) -> None:
     )
     if background and not log_file and len(handlers) == 1:
         log.warning(
-            "no --log-file and no syslog (%s): the daemon's log ends once it is in "
-            "the background",
+            "no --log-file and no syslog (%s): the daemon's log ends once it is in the background",
             _SYSLOG_SOCKET,
         )
 

@@ -35,7 +35,6 @@ import fcntl
 import itertools
 import logging
 import os
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -171,9 +170,7 @@ class Operations:
     # ---------------------------------------------------------------- helpers
 
     def _root_stat(self) -> os.stat_result:
-        # The root looks like the top-priority datadir: its owner and mode
-        # decide who may create files through the mount.
-        return os.stat(self.pool.datadirs[0].path)
+        return self.pool.root_stat()
 
     def _name_of(self, inode: int) -> str:
         name = self.inodes.name_of(inode)
@@ -305,7 +302,13 @@ class Operations:
         atime_value = atime_total if valid & (p.FATTR_ATIME | p.FATTR_ATIME_NOW) else None
         mtime_value = mtime_total if valid & (p.FATTR_MTIME | p.FATTR_MTIME_NOW) else None
         if inode == ROOT_INODE:
-            self._set_root_attributes(mode_value, uid_value, gid_value, atime_value, mtime_value)
+            self.pool.set_root_attributes(
+                mode=mode_value,
+                uid=uid_value,
+                gid=gid_value,
+                atime_ns=atime_value,
+                mtime_ns=mtime_value,
+            )
             return _attr_reply(ROOT_INODE, self._root_stat(), nlink=2)
         handle = self._handles.get(fh) if valid & p.FATTR_FH else None
         name = self.inodes.name_of(inode)
@@ -322,32 +325,6 @@ class Operations:
             mtime_ns=mtime_value,
         )
         return _attr_reply(inode, st)
-
-    def _set_root_attributes(
-        self,
-        mode: int | None,
-        uid: int | None,
-        gid: int | None,
-        atime_ns: int | None,
-        mtime_ns: int | None,
-    ) -> None:
-        # chmod/chown of the mount point applies to every datadir, so the
-        # permission the kernel checks matches what the datadirs enforce.
-        for datadir in self.pool.datadirs:
-            if uid is not None or gid is not None:
-                os.chown(datadir.path, -1 if uid is None else uid, -1 if gid is None else gid)
-            if mode is not None:
-                os.chmod(datadir.path, stat.S_IMODE(mode))
-        if atime_ns is not None or mtime_ns is not None:
-            top = self.pool.datadirs[0].path
-            current = os.stat(top)
-            os.utime(
-                top,
-                ns=(
-                    current.st_atime_ns if atime_ns is None else atime_ns,
-                    current.st_mtime_ns if mtime_ns is None else mtime_ns,
-                ),
-            )
 
     def unlink(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
         self._only_root(parent)

@@ -140,6 +140,53 @@ class Pool:
                 f"a name of {length} bytes; the datadirs hold at most {self.name_max}",
             )
 
+    # ------------------------------------------------------------------- root
+
+    def _reachable_datadirs(self) -> Iterator[tuple[Datadir, os.stat_result]]:
+        for datadir in self.datadirs:
+            try:
+                yield datadir, os.stat(datadir.path)
+            except OSError:
+                continue  # vanished: placement says so; the rest of the pool goes on
+
+    def root_stat(self) -> os.stat_result:
+        """The attributes the pool's root shows: the top-priority datadir's (its
+        owner and mode decide who may create files), or the next one's while
+        it cannot be reached, so that one missing disk does not hide the pool."""
+        for _, st in self._reachable_datadirs():
+            return st
+        raise failure(errno.EIO, "no datadir can be reached")
+
+    def set_root_attributes(
+        self,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> None:
+        """chmod/chown of the root apply to every datadir, so that the
+        permission the kernel checks on the root is what every datadir
+        enforces; times are the top reachable datadir's."""
+        reachable = list(self._reachable_datadirs())
+        if not reachable:
+            raise failure(errno.EIO, "no datadir can be reached")
+        for datadir, _ in reachable:
+            if uid is not None or gid is not None:
+                os.chown(datadir.path, -1 if uid is None else uid, -1 if gid is None else gid)
+            if mode is not None:
+                os.chmod(datadir.path, stat.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
+            (top, current), *_ = reachable
+            os.utime(
+                top.path,
+                ns=(
+                    current.st_atime_ns if atime_ns is None else atime_ns,
+                    current.st_mtime_ns if mtime_ns is None else mtime_ns,
+                ),
+            )
+
     # ----------------------------------------------------------------- lookup
 
     def copies(self, name: str) -> list[Copy]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
+import shutil
 from pathlib import Path
 
 import pytest
 
+from fusestore.admin import status
 from tests.conftest import (
     Datadir,
     Ext4Disk,
@@ -20,6 +21,7 @@ from tests.conftest import (
     TmpfsFactory,
     errno_of,
     files_below,
+    remount,
 )
 
 
@@ -103,7 +105,7 @@ def test_every_datadir_read_only_gives_erofs_and_nothing_is_written(
     mounted = mount_pool(datadirs)
     mounted.path("before").write_bytes(b"readable")
     for datadir in datadirs:
-        subprocess.run(["mount", "-o", "remount,ro", str(datadir.path)], check=True)
+        remount(datadir.path, "ro")
     try:
         refused = errno_of(lambda: os.open(mounted.path("new"), os.O_CREAT | os.O_WRONLY, 0o644))
         assert refused == errno.EROFS
@@ -111,5 +113,36 @@ def test_every_datadir_read_only_gives_erofs_and_nothing_is_written(
         assert all(f"datadir {d.path} is read-only" in mounted.log() for d in datadirs)
     finally:
         for datadir in datadirs:
-            subprocess.run(["mount", "-o", "remount,rw", str(datadir.path)], check=True)
+            remount(datadir.path, "rw")
     assert [files_below(d.path) for d in datadirs] == [{"before": b"readable"}, {}]
+
+
+@pytest.mark.parametrize("how", ["removed", "moved-away"])
+def test_top_datadir_that_vanished_takes_no_new_files(
+    tmp_path: Path, tmpfs: TmpfsFactory, mount_pool: MountFactory, how: str
+) -> None:
+    """The top datadir's directory itself is gone (removed, or renamed away):
+    unreachable, so new files go to the next one, and the log says why."""
+    top = Datadir(tmp_path / "top", 100)
+    other = Datadir(tmpfs("other", 16), 50)
+    mounted = mount_pool([top, other])
+    mounted.path("on-top").write_bytes(b"before")
+    assert mounted.holders("on-top") == [top.path]
+    away = tmp_path / "away"
+    if how == "removed":
+        shutil.rmtree(top.path)
+    else:
+        top.path.rename(away)
+    mounted.path("while-gone").write_bytes(b"elsewhere")
+    assert files_below(other.path) == {"while-gone": b"elsewhere"}
+    assert not top.path.exists()  # nothing recreated it
+    log = mounted.log()
+    assert f"datadir {top.path} is vanished: it takes no new files until it is back" in log
+    (row, _) = status.read(str(mounted.mountpoint))["datadirs"]
+    assert (row["path"], row["state"]) == (str(top.path), "vanished")
+    if how == "moved-away":
+        away.rename(top.path)  # back, mark and files: used again at once
+        assert mounted.path("on-top").read_bytes() == b"before"
+        mounted.path("after").write_bytes(b"home again")
+        assert mounted.holders("after") == [top.path]
+        assert f"datadir {top.path} is back" in mounted.log()

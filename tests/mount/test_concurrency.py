@@ -152,7 +152,9 @@ def test_sixteen_writers_and_readers_on_one_shared_file(pool: MountedPool) -> No
             assert half[: region // 2] == expected[: region // 2]
             assert not any(half[region // 2 :])  # not written yet: a hole or the end
             barriers[index].wait()
+            deadline = time.monotonic() + HANDOVER_SECONDS
             while not done[index].is_set():
+                assert time.monotonic() < deadline, f"writer {index} never finished"
                 assert_written_or_not_yet(os.pread(fd, region, index * region), expected)
             assert os.pread(fd, region, index * region) == expected
         finally:
@@ -201,7 +203,9 @@ def test_overwrites_in_flight_while_the_file_moves_are_kept(pool: MountedPool) -
         fd = os.open(pool.path("growing"), os.O_WRONLY)
         try:
             number = 0
+            deadline = time.monotonic() + HANDOVER_SECONDS
             while number == 0 or not appended.is_set():
+                assert time.monotonic() < deadline, "the append never finished"
                 number += 1
                 data = pattern(seed(index, number), region)
                 for offset in range(0, region, CHUNK):

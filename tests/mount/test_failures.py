@@ -35,9 +35,6 @@ from tests.conftest import (
 from tests.faulty import FaultyDatadir, FaultyFactory, waits_for_fuse
 
 MiB = 1 << 20
-# The kernel may cache a name's absence through the pool for this long
-# (fusestore.fuse.handlers.NEGATIVE_TIMEOUT), plus room for a slow machine.
-CACHE_SECONDS = 5
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -99,15 +100,44 @@ def test_dd_writes_and_reads_back_identical(two: MountedPool, tmp_path: Path) ->
     assert backing(two, "dd.img").read_bytes() == source.read_bytes()
 
 
-def test_files_advertise_1_mib_io_so_buffered_writers_send_few_requests(
-    two: MountedPool,
+# fuse_write_in, before the data of a WRITE request (the debug log counts both).
+WRITE_IN_SIZE = 40
+
+
+def write_requests(pool: MountedPool, since: int) -> list[int]:
+    """The data size of each WRITE request in the debug log after offset ``since``."""
+    found = re.findall(r" DEBUG write\(inode=\d+, (\d+) bytes\)", pool.log()[since:])
+    return [int(size) - WRITE_IN_SIZE for size in found]
+
+
+@pytest.mark.parametrize("writer", ["python", "cp"])
+def test_files_advertise_1_mib_io_so_buffered_writers_send_1_mib_requests(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory, tmp_path: Path, writer: str
 ) -> None:
-    with open(two.path("buffered"), "wb") as f:
-        assert os.fstat(f.fileno()).st_blksize == MiB  # Python, stdio, cp size buffers by it
-        for _ in range(64):
-            f.write(b"g" * (64 * 1024))  # Glance's chunk size
-    assert os.stat(two.path("buffered")).st_blksize == MiB
-    assert backing(two, "buffered").read_bytes() == b"g" * (4 * MiB)
+    """README *I/O size*: st_blksize is 1 MiB, so a buffered writer sends 1 MiB
+    WRITE requests (counted in the daemon's debug log); a 1 MiB buffer that is
+    not page-aligned, as Python's, spans 257 pages and goes as two requests,
+    the kernel taking at most 256 pages in one."""
+    mounted = mount_pool([Datadir(tmpfs("d", 32), 0)], "--debug")
+    data = os.urandom(4 * MiB)
+    since = len(mounted.log())
+    if writer == "python":
+        with open(mounted.path("buffered"), "wb") as f:
+            assert os.fstat(f.fileno()).st_blksize == MiB  # Python, stdio, cp size buffers by it
+            for offset in range(0, len(data), 64 * 1024):
+                f.write(data[offset : offset + 64 * 1024])  # Glance's chunk size
+    else:
+        source = tmp_path / "source"
+        source.write_bytes(data)
+        subprocess.run(["cp", str(source), str(mounted.path("buffered"))], check=True)
+    sizes = write_requests(mounted, since)
+    if writer == "python":
+        assert len(sizes) == 8
+        assert [a + b for a, b in zip(sizes[::2], sizes[1::2], strict=True)] == [MiB] * 4
+    else:
+        assert sizes == [MiB] * 4
+    assert os.stat(mounted.path("buffered")).st_blksize == MiB
+    assert backing(mounted, "buffered").read_bytes() == data
 
 
 def test_truncate_grows_and_shrinks(two: MountedPool) -> None:
@@ -216,3 +246,21 @@ def test_chmod_and_chown_of_the_mountpoint_reach_every_datadir(two: MountedPool)
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o1777, 65534, 65534)
     root = os.stat(two.mountpoint)
     assert (stat.S_IMODE(root.st_mode), root.st_uid, root.st_gid) == (0o1777, 65534, 65534)
+
+
+@pytest.mark.parametrize("order", ["top-first", "top-last"])
+def test_the_mounts_root_shows_the_top_priority_datadirs_owner_and_mode(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory, order: str
+) -> None:
+    top, low = Datadir(tmpfs("top", 8), 2), Datadir(tmpfs("low", 8), 1)
+    os.chmod(top.path, 0o2750)
+    os.chown(top.path, 1234, 5678)
+    os.chmod(low.path, 0o1777)
+    os.chown(low.path, 4321, 8765)
+    mounted = mount_pool([top, low] if order == "top-first" else [low, top])
+    root = os.stat(mounted.mountpoint)
+    assert stat.S_ISDIR(root.st_mode)
+    assert (stat.S_IMODE(root.st_mode), root.st_uid, root.st_gid) == (0o2750, 1234, 5678)
+    for datadir, expected in ((top, (0o2750, 1234, 5678)), (low, (0o1777, 4321, 8765))):
+        st = os.stat(datadir.path)  # mounting changed neither datadir
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == expected

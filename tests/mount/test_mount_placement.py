@@ -54,12 +54,28 @@ def test_no_datadir_with_room_gives_enospc_and_logs_what_was_tried(
 ) -> None:
     a = Datadir(tmpfs("a", 8), 10)
     b = Datadir(tmpfs("b", 8), 5)
-    mounted = mount_pool([a, b], "--min-free-space", "8M")
+    c = Datadir(tmpfs("c", 8), 1)
+    mounted = mount_pool([a, b, c], "--min-free-space", "8M")
+    subprocess.run(["mount", "-o", "remount,ro", str(c.path)], check=True)
     assert errno_of(lambda: write_file(mounted.path("nowhere"), b"x")) == errno.ENOSPC
-    assert files_below(a.path) == files_below(b.path) == {}
-    log = mounted.log()
-    assert "no datadir can hold 'nowhere'" in log
-    assert f"{a.path} (priority 10" in log and f"{b.path} (priority 5" in log
+    assert files_below(a.path) == files_below(b.path) == files_below(c.path) == {}
+    # Every datadir tried, in lookup order, with its priority, free bytes and state.
+    tried = ", ".join(
+        f"{d.path} (priority {d.priority}, {free_bytes(d)} bytes free, {state})"
+        for d, state in ((a, "ok"), (b, "ok"), (c, "read-only"))
+    )
+    lines = [line for line in mounted.log().splitlines() if " WARNING no datadir " in line]
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(
+        f" WARNING no datadir can hold 'nowhere': each needs more than {8 * MiB} bytes free; "
+        f"tried {tried}"
+    ), lines[0]
+
+
+def free_bytes(datadir: Datadir) -> int:
+    """What placement measures: statvfs ``f_bavail * f_frsize``."""
+    vfs = os.statvfs(datadir.path)
+    return vfs.f_bavail * vfs.f_frsize
 
 
 def test_write_beyond_the_datadir_fails_with_enospc(

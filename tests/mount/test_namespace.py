@@ -78,7 +78,7 @@ def test_missing_name_is_enoent(three: MountedPool) -> None:
     assert errno_of(os.open, three.path("absent"), os.O_RDONLY) == errno.ENOENT
 
 
-def test_symlinks_directories_and_sockets_are_invisible_and_never_followed(
+def test_symlinks_directories_and_sockets_are_invisible_and_skipped_by_lookups(
     three: MountedPool, tmp_path: Path
 ) -> None:
     top, _middle, low = three.datadirs
@@ -98,6 +98,31 @@ def test_symlinks_directories_and_sockets_are_invisible_and_never_followed(
             assert errno_of(os.stat, three.path(hidden)) == errno.ENOENT
     finally:
         server.close()
+
+
+def test_a_symlink_swapped_in_under_an_open_file_is_not_followed(
+    three: MountedPool, tmp_path: Path
+) -> None:
+    """Backing files are opened O_NOFOLLOW: a symlink put in place of a file
+    between its lookup and an open (here: while the file is open, so the pool
+    opens the backing path it already knows) makes the open fail with ELOOP,
+    and never opens the symlink's target."""
+    top = three.datadirs[0]
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the pool")
+    put(top, "victim", b"the pool's file")
+    reader = os.open(three.path("victim"), os.O_RDONLY)
+    try:
+        swap = top.path / "swap"
+        swap.symlink_to(secret)
+        swap.rename(top.path / "victim")  # atomically: the name is now the symlink
+        for flags in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR):
+            assert errno_of(os.open, three.path("victim"), flags) == errno.ELOOP
+        assert os.pread(reader, 100, 0) == b"the pool's file"  # the open file is unchanged
+    finally:
+        os.close(reader)
+    assert secret.read_bytes() == b"outside the pool"
+    assert (top.path / "victim").is_symlink()
 
 
 def test_readdir_lists_each_name_once(three: MountedPool) -> None:

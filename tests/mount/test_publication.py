@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from tests.conftest import (
     MountedPool,
     MountFactory,
     TmpfsFactory,
+    eventually,
     incoming_files,
 )
 
@@ -48,15 +49,20 @@ def test_new_file_is_hidden_until_closed_but_usable_through_the_mount(
     assert datadir.names() == {"image"}
 
 
-def test_empty_new_file_is_published_when_released(solo: tuple[Datadir, MountedPool]) -> None:
+def test_empty_new_file_is_in_its_datadir_when_close_returns(
+    solo: tuple[Datadir, MountedPool],
+) -> None:
+    """README *Crash-safe publication*: published at the close() that leaves no
+    other handle, so it is in its datadir when close() returns: no wait."""
     datadir, mounted = solo
-    subprocess.run(["touch", str(mounted.path("empty"))], check=True)
-    assert os.stat(mounted.path("empty")).st_size == 0
-    # The kernel sends RELEASE just after close() returns.
-    deadline = time.monotonic() + 5
-    while "empty" not in datadir.names() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    fd = os.open(mounted.path("empty"), os.O_CREAT | os.O_WRONLY, 0o644)
+    assert datadir.names() == set()
+    os.close(fd)
     assert datadir.names() == {"empty"}
+    assert (datadir.path / "empty").read_bytes() == b""
+    assert incoming_files(datadir) == []
+    subprocess.run(["touch", str(mounted.path("touched"))], check=True)  # close(), then exit
+    assert datadir.names() == {"empty", "touched"}
     assert incoming_files(datadir) == []
 
 
@@ -128,15 +134,21 @@ def test_kill_9_mid_write_leaves_no_file_under_the_name(
     assert sorted(os.listdir(remounted.mountpoint)) == ["finished"]
 
 
-def test_durable_by_default_fsyncs_file_and_directory_before_publishing(
+def test_durable_by_default_fsyncs_the_file_then_links_it_then_fsyncs_the_datadir(
     tmpfs: TmpfsFactory, mount_pool: MountFactory, tmp_path: Path
 ) -> None:
-    mounted = mount_pool([Datadir(tmpfs("d", 16), 0)])
+    datadir = Datadir(tmpfs("d", 16), 0)
+    mounted = mount_pool([datadir])
     calls = trace_syscalls(mounted, tmp_path, lambda: mounted.path("durable").write_bytes(b"x"))
-    fsyncs = [i for i, call in enumerate(calls) if call.startswith("fsync(")]
-    links = [i for i, call in enumerate(calls) if call.startswith("link(")]
-    assert len(links) == 1 and len(fsyncs) == 2, calls
-    assert fsyncs[0] < links[0] < fsyncs[1]  # data, then publish, then the directory entry
+    incoming = re.escape(f"{datadir.path}/.fusestore/incoming/")
+    final = re.escape(f"{datadir.path}/durable")
+    # strace -y shows the path of each descriptor: the hidden file, then the datadir.
+    assert len(calls) == 3, calls
+    hidden = re.fullmatch(rf"fsync\(\d+<({incoming}[^>]+)>\) = 0", calls[0])
+    assert hidden is not None, calls
+    assert re.fullmatch(rf'link\("{re.escape(hidden[1])}", "{final}"\) = 0', calls[1]), calls
+    assert re.fullmatch(rf"fsync\(\d+<{re.escape(str(datadir.path))}>\) = 0", calls[2]), calls
+    assert datadir.names() == {"durable"} and incoming_files(datadir) == []
 
 
 def test_no_sync_skips_the_fsyncs(
@@ -145,33 +157,56 @@ def test_no_sync_skips_the_fsyncs(
     mounted = mount_pool([Datadir(tmpfs("d", 16), 0)], "--no-sync")
     calls = trace_syscalls(mounted, tmp_path, lambda: mounted.path("fast").write_bytes(b"x"))
     assert [c for c in calls if c.startswith("link(")], calls
-    assert not [c for c in calls if c.startswith("fsync(")], calls
+    assert not [c for c in calls if c.startswith(("fsync(", "fdatasync("))], calls
     assert mounted.path("fast").read_bytes() == b"x"
 
 
+ATTACH_SECONDS = 30
+
+
 def trace_syscalls(mounted: MountedPool, tmp_path: Path, action) -> list[str]:
-    """The daemon's fsync/link/unlink calls while ``action`` runs, in order."""
+    """The daemon's fsync/fdatasync/link calls while ``action`` runs, in order,
+    each descriptor with its path (``strace -y``).
+
+    ``action`` starts once strace is attached to every thread of the daemon
+    (each one's TracerPid); what the daemon does for a close() is done before
+    close() returns, so strace has seen it by then.
+    """
     out = tmp_path / "strace.out"
+    pid = mounted.process.pid
     tracer = subprocess.Popen(
         [
             "strace",
-            "-f",
-            "-qq",
-            "-e",
-            "trace=fsync,fdatasync,link,linkat",
-            "-o",
-            str(out),
-            "-p",
-            str(mounted.process.pid),
+            *("-f", "-qq", "-y"),
+            *("-e", "trace=fsync,fdatasync,link,linkat"),
+            *("-o", str(out)),
+            *("-p", str(pid)),
         ],
         stderr=subprocess.DEVNULL,
     )
     try:
-        time.sleep(0.5)  # let strace attach
+        assert eventually(lambda: traced_by(pid) == {tracer.pid}, ATTACH_SECONDS), (
+            f"strace never attached to every thread of {pid}"
+        )
         action()
-        time.sleep(0.2)
     finally:
         tracer.send_signal(signal.SIGINT)
         tracer.wait(timeout=10)
     lines = out.read_text().splitlines()
     return [line.split(" ", 1)[1].strip() for line in lines if " " in line]
+
+
+def traced_by(pid: int) -> set[int]:
+    """The TracerPid of each thread of ``pid`` (0: a thread nobody traces), but
+    the kernel's io_uring workers, which cannot be traced and run none of its code."""
+    tracers = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith("iou-"):
+                continue
+            status = (task / "status").read_text()
+        except FileNotFoundError:
+            continue  # a thread that just ended
+        (line,) = [line for line in status.splitlines() if line.startswith("TracerPid:")]
+        tracers.add(int(line.split()[1]))
+    return tracers

@@ -6,6 +6,7 @@ another one; a file that fits nowhere fails with ENOSPC and leaves no bytes.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.conftest import (
     dd,
     files_below,
     incoming_files,
+    kept_files,
     used_bytes,
 )
 from tests.faulty import FaultyFactory
@@ -110,3 +112,65 @@ def test_efbig_from_the_datadir_moves_the_file_too(
     assert (roomy.path / "image").read_bytes() == data
     assert files_below(faulty.backing) == {}  # nothing left behind, private area included
     assert "moved 'image'" in mounted.log()
+
+
+def test_the_file_moves_to_the_best_datadir_that_can_hold_it_plus_the_write(
+    faulty_datadir: FaultyFactory, tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    """The target is chosen as a new file's datadir is (highest priority, then
+    most free space), among those that can hold the bytes so far *plus* the
+    write: a datadir with room for the first but not for both is passed over."""
+    faulty = faulty_datadir("full", 64)
+    # 2.5 MiB free: room for the 2 MiB written so far, not for them plus the
+    # next write (a request of up to 1 MiB).
+    cramped = Datadir(tmpfs("cramped", 4), 90)
+    filler = os.urandom(3 * MiB // 2)
+    (cramped.path / "filler").write_bytes(filler)
+    roomy = Datadir(tmpfs("roomy", 16), 50)
+    roomiest = Datadir(tmpfs("roomiest", 24), 50)  # most free space of its priority: chosen
+    huge = Datadir(tmpfs("huge", 64), 10)  # the most free space, but a lower priority
+    mounted = mount_pool([Datadir(faulty.path, 100), cramped, roomy, roomiest, huge])
+    data = os.urandom(3 * MiB)
+    fd = os.open(mounted.path("image"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        assert os.write(fd, data[: 2 * MiB]) == 2 * MiB
+        faulty.fail("write", ".fusestore/incoming/*", "ENOSPC")
+        assert os.write(fd, data[2 * MiB :]) == MiB
+    finally:
+        os.close(fd)
+    assert mounted.holders("image") == [roomiest.path]
+    assert (roomiest.path / "image").read_bytes() == data
+    assert files_below(cramped.path) == {"filler": filler}  # private area included
+    for untouched in (faulty.backing, roomy.path, huge.path):
+        assert files_below(untouched) == {}, untouched
+    moved = f"moved 'image' ({2 * MiB} bytes) from full datadir {faulty.path} to {roomiest.path}"
+    assert moved in mounted.log()
+
+
+def test_an_existing_file_whose_rewrite_fits_nowhere_keeps_its_name(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    """README *Failed writes*: existing files are never removed on a write error,
+    even when the write meets ENOSPC in every datadir."""
+    top, other = Datadir(tmpfs("top", 8), 100), Datadir(tmpfs("other", 6), 50)
+    mounted = mount_pool([top, other])
+    mounted.path("image").write_bytes(b"old contents")
+    assert mounted.holders("image") == [top.path]
+    data = os.urandom(16 * MiB)
+    fd = os.open(mounted.path("image"), os.O_WRONLY | os.O_TRUNC)
+    try:
+        written = 0
+        with pytest.raises(OSError) as caught:
+            while written < len(data):
+                written += os.write(fd, data[written : written + MiB])
+        assert caught.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert mounted.holders("image") == [top.path]
+    remaining = (top.path / "image").read_bytes()
+    assert 0 < len(remaining) < len(data)
+    assert remaining == data[: len(remaining)]  # what fitted, in place
+    assert mounted.path("image").read_bytes() == remaining
+    assert files_below(other.path) == {}
+    assert [incoming_files(d) for d in (top, other)] == [[], []]
+    assert [kept_files(d) for d in (top, other)] == [[], []]

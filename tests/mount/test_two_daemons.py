@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+from datetime import UTC, datetime
 
 import pytest
 
@@ -14,6 +16,7 @@ from tests.conftest import (
     MountedPool,
     MountFactory,
     TmpfsFactory,
+    errno_of,
     incoming_files,
     is_mounted,
     kept_files,
@@ -23,6 +26,7 @@ from tests.conftest import (
 def test_two_mounts_of_one_pool_see_each_other_and_never_mix_a_file(
     tmpfs: TmpfsFactory, mount_pool: MountFactory
 ) -> None:
+    started = datetime.now(UTC).replace(microsecond=0)
     datadirs = [Datadir(tmpfs("a", 32), 2), Datadir(tmpfs("b", 32), 1)]
     one = mount_pool(datadirs)
     writing = os.open(one.path("in-progress"), os.O_CREAT | os.O_WRONLY, 0o644)
@@ -42,7 +46,12 @@ def test_two_mounts_of_one_pool_see_each_other_and_never_mix_a_file(
     assert one.path("contested").read_bytes() == b"A" * 1000
     assert two.path("contested").read_bytes() == b"A" * 1000
     (kept,) = [p for d in datadirs for p in kept_files(d)]
-    assert kept.name.startswith("contested.") and kept.read_bytes() == b"B" * 2000
+    assert kept.read_bytes() == b"B" * 2000
+    # README *Never replaces*: kept as <name>.<UTC time>.<id>.
+    named = re.fullmatch(r"contested\.(\d{8}T\d{6})\.([0-9A-Za-z]+)", kept.name)
+    assert named is not None, kept.name
+    stamp = datetime.strptime(named[1], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    assert started <= stamp <= datetime.now(UTC)
     assert "could not be published" in two.log()
 
     os.write(writing, b", now closed")
@@ -56,15 +65,22 @@ def test_fsync_of_a_name_taken_meanwhile_reports_eexist(solo: tuple[Datadir, Mou
     try:
         os.write(fd, b"mine")
         (datadir.path / "late").write_bytes(b"someone else's")
-        with pytest.raises(OSError) as caught:
-            os.fsync(fd)
-        assert caught.value.errno == errno.EEXIST
+        fsync_errno = errno_of(lambda: os.fsync(fd))
     finally:
-        with pytest.raises(OSError) as caught:
-            os.close(fd)
-        assert caught.value.errno == errno.EEXIST  # and the data is kept aside
+        close_errno = close_reporting(fd)  # never raises: a failure above stays the failure
+    assert fsync_errno == errno.EEXIST
+    assert close_errno == errno.EEXIST  # and the data is kept aside
     assert (datadir.path / "late").read_bytes() == b"someone else's"
     assert [p.read_bytes() for p in kept_files(datadir)] == [b"mine"]
+
+
+def close_reporting(fd: int) -> int | None:
+    """Close ``fd``; the errno close() reported, or None."""
+    try:
+        os.close(fd)
+    except OSError as exc:
+        return exc.errno
+    return None
 
 
 def test_unlinked_new_file_is_discarded_at_close(solo: tuple[Datadir, MountedPool]) -> None:

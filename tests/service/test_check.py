@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.conftest import (
     Datadir,
+    incoming_files,
     run_fusestore,
     write_config,
 )
@@ -61,6 +62,12 @@ def test_check_finds_and_fixes_duplicates_and_leftovers(
         assert (big.path / "stray-link").is_symlink()
     finally:
         writer.communicate("", timeout=20)
+    assert writer.returncode == 0
+    # check --fix spared the live writer's file: its close() published it whole.
+    assert (fast.path / "in-progress").read_bytes() == b"live"
+    assert not (big.path / "in-progress").exists()
+    assert (mountpoint / "in-progress").read_bytes() == b"live"
+    assert incoming_files(fast) == incoming_files(big) == []
     (big.path / "stray-dir").rmdir()
     (big.path / "stray-link").unlink()
     clean = run_fusestore("check", source)

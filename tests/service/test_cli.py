@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 import subprocess
 import sys
@@ -11,11 +12,17 @@ from pathlib import Path
 import pytest
 
 from fusestore import __version__
+from fusestore.admin import status
 from tests.conftest import (
+    Datadir,
+    MountFactory,
     TmpfsFactory,
+    daemon_pid,
     fusestore_command,
     is_mounted,
     run_fusestore,
+    wait_for_exit,
+    wait_for_log,
 )
 
 
@@ -95,6 +102,116 @@ def test_datadir_that_is_a_file_is_refused(tmp_path: Path, mountpoint: Path) -> 
 def test_missing_mountpoint_is_refused(tmp_path: Path) -> None:
     result = run_fusestore("mount", "--datadir", str(tmp_path / "d"), str(tmp_path / "nowhere"))
     assert_config_error(result, "mountpoint", "nowhere")
+
+
+def test_mountpoint_that_is_a_regular_file_is_refused(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_bytes(b"left alone")
+    result = run_fusestore("mount", "--datadir", str(tmp_path / "d"), str(not_a_directory))
+    assert_config_error(result, repr(str(not_a_directory)), "not an existing directory")
+    assert not is_mounted(not_a_directory)
+    assert not_a_directory.read_bytes() == b"left alone"
+
+
+@pytest.mark.parametrize("setting", ["datadir", "metadata_file"])
+def test_a_relative_path_in_dash_o_is_refused_and_nothing_is_created(
+    tmp_path: Path, mountpoint: Path, setting: str
+) -> None:
+    """README *Paths in a source*: mount(8) runs fusestore from any directory."""
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    (workdir / "metadata.json").write_text('{"id": "store-1", "mountpoint": "/images"}')
+    before = sorted(p.name for p in workdir.iterdir())
+    relative = {"datadir": "rel", "metadata_file": "metadata.json"}[setting]
+    args = ["-o", f"{setting}={relative}"]
+    if setting != "datadir":
+        args += ["--datadir", str(tmp_path / "ok")]
+    result = run_fusestore("mount", *args, str(mountpoint), cwd=workdir)
+    assert_config_error(result, repr(relative), "absolute path")
+    assert not is_mounted(mountpoint)
+    assert sorted(p.name for p in workdir.iterdir()) == before
+    assert not (tmp_path / "ok").exists()
+
+
+def test_a_relative_datadir_on_the_command_line_is_taken_from_the_current_directory(
+    tmp_path: Path, mountpoint: Path
+) -> None:
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    result = run_fusestore("mount", "--datadirs", "rel:1", str(mountpoint), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    try:
+        rows = status.read(str(mountpoint))["datadirs"]
+        assert [(row["path"], row["priority"]) for row in rows] == [(str(workdir / "rel"), 1)]
+        (mountpoint / "image").write_bytes(b"landed")
+        assert (workdir / "rel" / "image").read_bytes() == b"landed"
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_fsname_option_is_the_mounts_source(tmp_path: Path, mountpoint: Path) -> None:
+    result = run_fusestore(
+        "mount", "--datadir", str(tmp_path / "d"), "-o", "fsname=custom", str(mountpoint)
+    )
+    assert result.returncode == 0, result.stderr
+    try:
+        source = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE", str(mountpoint)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert source == "custom\n"
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_log_file_is_appended_to(tmp_path: Path, mountpoint: Path) -> None:
+    log_file = tmp_path / "daemon.log"
+    log_file.write_text("an earlier line\n")
+    args = ["--datadir", str(tmp_path / "d"), "--log-file", str(log_file)]
+    result = run_fusestore("mount", *args, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    pid = daemon_pid(mountpoint)
+    subprocess.run(["umount", str(mountpoint)], check=True)
+    assert wait_for_exit(pid)
+    earlier, *lines = log_file.read_text().splitlines()
+    assert earlier == "an earlier line"
+    assert any(f" INFO mounted {mountpoint} with datadirs " in line for line in lines), lines
+    assert lines[-1].endswith(f" INFO unmounted {mountpoint}")
+
+
+def test_foreground_logs_to_stderr_and_nothing_to_stdout(tmp_path: Path, mountpoint: Path) -> None:
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        daemon = subprocess.Popen(
+            fusestore_command("mount", "-f", "--datadir", str(tmp_path / "d"), str(mountpoint)),
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        wait_for_log(stderr, f"ready: {mountpoint} answers", seconds=30)
+        (mountpoint / "x").write_bytes(b"x")
+        subprocess.run(["umount", str(mountpoint)], check=True)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=10)
+    assert stdout.read_bytes() == b""
+    lines = stderr.read_text().splitlines()
+    assert any(f" INFO mounted {mountpoint} with datadirs " in line for line in lines), lines
+    assert lines[-1].endswith(f" INFO unmounted {mountpoint}")
+
+
+def test_busy_poll_defaults_to_50_microseconds_on_more_than_one_cpu(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    """README: ``--busy-poll`` defaults to 50, 0 on one CPU; the mounted line says which."""
+    expected = 50 if (os.cpu_count() or 1) > 1 else 0
+    mounted = mount_pool([Datadir(tmpfs("d", 8), 0)])
+    (line,) = [line for line in mounted.log().splitlines() if " INFO mounted " in line]
+    assert line.endswith(f", busy_poll {expected} µs"), line
 
 
 def test_mount_returns_once_usable_and_creates_missing_datadirs(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from fusestore.admin import status
+from fusestore.service.settings import SETTINGS
 from tests.conftest import (
     Datadir,
     MiB,
+    TmpfsFactory,
     is_mounted,
     mount_options,
     run_fusestore,
@@ -102,3 +105,100 @@ def test_metadata_file_is_checked_and_shown(
     assert result.returncode == 0, result.stderr
     report = status.read(str(mountpoint))
     assert report["metadata"] == {"id": "store-1", "mountpoint": "/var/lib/images"}
+
+
+# Every setting of fusestore/service/settings.py SETTINGS, each given a value
+# that is not its default, in each of its forms: the config file's key, -o
+# key=value, and the command-line flag (options has none: its -o form is the
+# FUSE options themselves).
+COVERED_SETTINGS = {
+    "datadir",
+    "datadirs",
+    "min_free_space",
+    "no_sync",
+    "busy_poll",
+    "no_io_uring",
+    "metadata_file",
+    "log_file",
+    "debug",
+    "options",
+}
+METADATA = {"id": "store-1", "mountpoint": "/var/lib/images"}
+
+
+def test_every_setting_is_covered_below() -> None:
+    assert set(SETTINGS) == COVERED_SETTINGS
+
+
+def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, str]) -> list[str]:
+    """The arguments that give the pool (``datadir`` or ``datadirs``) and every
+    other setting a value that is not its default, in ``form``."""
+    if form == "flags":
+        flag = f"--{pool_key}"
+        return [
+            *(arg for value in pool for arg in (flag, value)),
+            *("--min-free-space", "1M", "--no-sync", "--busy-poll", "7", "--no-io-uring"),
+            *("--metadata-file", paths["metadata_file"], "--log-file", paths["log_file"]),
+            *("--debug", "-o", "allow_other"),
+        ]
+    if form == "-o":
+        options = [
+            *(f"{pool_key}={value}" for value in pool),
+            *("min_free_space=1M", "no_sync=true", "busy_poll=7", "no_io_uring=true"),
+            f"metadata_file={paths['metadata_file']}",
+            f"log_file={paths['log_file']}",
+            *("debug=true", "allow_other"),
+        ]
+        return ["-o", ",".join(options)]
+    config = write_config(
+        Path(paths["config"]),
+        **{pool_key: pool[0] if pool_key == "datadir" else pool},
+        min_free_space="1M",
+        no_sync=True,
+        busy_poll=7,
+        no_io_uring=True,
+        metadata_file=paths["metadata_file"],
+        log_file=paths["log_file"],
+        debug=True,
+        options=["allow_other"],
+    )
+    return ["--config", str(config)]
+
+
+@pytest.mark.parametrize("pool_key", ["datadir", "datadirs"])
+@pytest.mark.parametrize("form", ["file", "-o", "flags"])
+def test_every_setting_works_in_every_form(
+    tmp_path: Path, mountpoint: Path, tmpfs: TmpfsFactory, form: str, pool_key: str
+) -> None:
+    """README *Config file*: a setting has the same name in the file, as -o
+    name=value and as --name value; each one reaches the mount."""
+    if pool_key == "datadir":
+        only = tmpfs("only", 16)
+        pool, expected_rows = [str(only)], [(str(only), 0)]
+    else:
+        fast, big = tmpfs("fast", 16), tmpfs("big", 16)
+        pool, expected_rows = [f"{fast}:2", f"{big}:1"], [(str(fast), 2), (str(big), 1)]
+    metadata, log_file = tmp_path / "metadata.json", tmp_path / "daemon.log"
+    metadata.write_text(json.dumps(METADATA))
+    paths = {
+        "metadata_file": str(metadata),
+        "log_file": str(log_file),
+        "config": str(tmp_path / "pool.toml"),
+    }
+    result = run_fusestore("mount", *every_setting(form, pool_key, pool, paths), str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    try:
+        report = status.read(str(mountpoint))
+        assert [(row["path"], row["priority"]) for row in report["datadirs"]] == expected_rows
+        assert report["min_free_space"] == 1 * MiB
+        assert report["sync"] is False  # no_sync
+        assert report["io_uring_queues"] == 0  # no_io_uring
+        assert report["metadata"] == METADATA
+        assert "allow_other" in mount_options(mountpoint)  # options
+        (mountpoint / "image").write_bytes(b"x")
+        log = log_file.read_text()  # log_file
+        (mounted,) = [line for line in log.splitlines() if " INFO mounted " in line]
+        assert mounted.endswith(", no fsync (--no-sync), busy_poll 7 µs"), mounted
+        assert " DEBUG create(" in log  # debug
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)

@@ -77,6 +77,28 @@ def _log_file_inside(tmp: Path, m: Path) -> tuple[list[str], str, str]:
     return args, f"'{m / 'log'}'", f"'{m}'"
 
 
+def _config_file_inside(tmp: Path, m: Path) -> tuple[list[str], str, str]:
+    # A good config in a bad place: only where it lies is wrong.
+    config = write_config(m / "pool.toml", datadirs=[f"{tmp / 'ok'}:1"])
+    return ["mount", "--config", str(config), str(m)], f"'{config}'", f"'{m}'"
+
+
+def _metadata_file_inside(tmp: Path, m: Path) -> tuple[list[str], str, str]:
+    metadata = m / "metadata.json"
+    metadata.write_text('{"id": "store-1", "mountpoint": "/var/lib/images"}')
+    args = ["mount", "--datadir", str(tmp / "ok"), "--metadata-file", str(metadata), str(m)]
+    return args, f"'{metadata}'", f"'{m}'"
+
+
+def tree(root: Path) -> list[str]:
+    """Every path below ``root`` (symlinks not followed)."""
+    return sorted(
+        str(Path(directory, name).relative_to(root))
+        for directory, directories, files in os.walk(root)
+        for name in (*directories, *files)
+    )
+
+
 @pytest.mark.parametrize(
     "layout",
     [
@@ -88,6 +110,8 @@ def _log_file_inside(tmp: Path, m: Path) -> tuple[list[str], str, str]:
         _in_mount8_source,
         _in_config_file,
         _log_file_inside,
+        _config_file_inside,
+        _metadata_file_inside,
     ],
     ids=lambda layout: layout.__name__.strip("_"),
 )
@@ -95,6 +119,7 @@ def test_a_pool_that_would_read_its_own_mount_is_refused(
     tmp_path: Path, mountpoint: Path, layout: Layout
 ) -> None:
     args, first, second = layout(tmp_path, mountpoint)
+    before = tree(tmp_path)
     started = time.monotonic()
     result = run_fusestore(*args, timeout=REFUSAL_SECONDS)
     assert time.monotonic() - started < REFUSAL_SECONDS
@@ -102,7 +127,7 @@ def test_a_pool_that_would_read_its_own_mount_is_refused(
     (line,) = result.stderr.splitlines()
     assert first in line and second in line and "its own mount" in line
     assert not is_mounted(mountpoint)
-    assert os.listdir(mountpoint) == []  # nothing created, not even a datadir
+    assert tree(tmp_path) == before  # nothing created, not even a datadir
     assert processes_naming(mountpoint) == []
 
 
