@@ -196,7 +196,7 @@ def files_below(path: Path) -> dict[str, bytes]:
     return found
 
 
-def eventually(check: Callable[[], bool], seconds: float = 5) -> bool:
+def eventually(check: Callable[[], bool], seconds: float = 10) -> bool:
     """Whether ``check()`` becomes true within ``seconds`` (polled: a bounded wait)."""
     deadline = time.monotonic() + seconds
     while not check():

@@ -15,7 +15,8 @@ page cache of the mount can go stale. The kernel fails (EIO) an open that is
 not in passthrough while the file is open in passthrough, and wants one
 backing file per file: so a writer that opens a file being read joins its
 passthrough (registered read-write for that reason) and writes straight to
-the datadir, without the move on a full datadir. Without passthrough, opens use the page cache.
+the datadir, without the move on a full datadir. Without passthrough, opens
+use the page cache.
 
 Extended attributes are not implemented (ENOSYS): the kernel then stops
 asking, where it would otherwise ask ``getxattr`` for ``security.capability``

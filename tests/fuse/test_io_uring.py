@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tests.conftest import (
     MountedPool,
     MountFactory,
     TmpfsFactory,
+    eventually,
     run_fusestore,
     wait_for_log,
 )
@@ -89,16 +89,6 @@ def summary_line(request: pytest.FixtureRequest) -> Callable[[str], None]:
 
     request.config.pluginmanager.register(Summary(), f"fusestore-summary {request.node.nodeid}")
     return lines.append
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 10) -> bool:
-    """Poll ``condition`` until it holds, for at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def status_of(mountpoint: Path) -> dict:
@@ -195,7 +185,7 @@ def test_forgets_of_unlinked_files_reach_the_daemon_through_dev_fuse(
         mounted.path(f"short-lived-{index}").write_bytes(b"x")
         os.unlink(mounted.path(f"short-lived-{index}"))
     # Bounded: the daemon lets forgets gather for 20 ms at most.
-    assert wait_for(lambda: forgotten_inodes(mounted.log()) >= 20), mounted.log()
+    assert eventually(lambda: forgotten_inodes(mounted.log()) >= 20), mounted.log()
     assert forgotten_inodes(mounted.log()) == 20, mounted.log()
     vias = re.findall(r"forget\(inode=\d+, \d+ bytes\) #\d+ via (.+)", mounted.log())
     assert set(vias) == {"/dev/fuse"}
@@ -231,7 +221,7 @@ def test_forgets_that_pile_up_come_as_one_batch_forget_that_forgets_every_inode(
     ]
     assert forgotten_inodes(mounted.log()) == len(names)
     # The log line comes as the request is taken, the forgetting just after.
-    assert wait_for(lambda: min(listed_inodes(mounted).values()) >= OWN_INODES), listed_inodes(
+    assert eventually(lambda: min(listed_inodes(mounted).values()) >= OWN_INODES), listed_inodes(
         mounted
     )
     assert sorted(listed_inodes(mounted)) == sorted(names)
