@@ -65,17 +65,32 @@ def run_fusestore(
 
 
 def is_mounted(path: Path) -> bool:
-    mount_points = Path("/proc/self/mounts").read_text().split("\n")
-    return any(line.split(" ")[1:2] == [str(path)] for line in mount_points if line)
+    return mount_fields(path) is not None
+
+
+def mount_fields(path: Path) -> list[str] | None:
+    """The /proc/self/mounts line of the mount at ``path`` (source, target,
+    type, options, ...), or None if nothing is mounted there."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split(" ")
+        if fields[1:2] == [str(path)]:
+            return fields
+    return None
 
 
 def mount_options(path: Path) -> list[str]:
     """The options of the mount at ``path``, as /proc/self/mounts lists them."""
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split(" ")
-        if fields[1:2] == [str(path)]:
-            return fields[3].split(",")
-    raise AssertionError(f"{path} is not mounted")
+    fields = mount_fields(path)
+    if fields is None:
+        raise AssertionError(f"{path} is not mounted")
+    return fields[3].split(",")
+
+
+def mounted_source(path: Path) -> str:
+    """The source of the mount at ``path``, as findmnt shows it (escapes undone)."""
+    return subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def force_unmount(path: Path) -> None:
@@ -175,10 +190,10 @@ def daemon_pid(mountpoint: Path) -> int:
     return int(status.read(str(mountpoint))["pid"])
 
 
-def errno_of(call: Callable[[], object]) -> int:
-    """The errno of the OSError ``call`` raises (the test fails if it raises none)."""
+def errno_of(call: Callable[..., object], *args: object) -> int:
+    """The errno of the OSError ``call(*args)`` raises (the test fails if it raises none)."""
     with pytest.raises(OSError) as caught:
-        call()
+        call(*args)
     return caught.value.errno
 
 

@@ -137,11 +137,10 @@ class Operations:
         self._handle_inodes: dict[int, int] = {}
         self._listings: dict[int, PackedListing | None] = {}
         self._next_fh = itertools.count(1)
-        # Set by the request loop: the /dev/fuse descriptor, for notifications.
+        # Set by the request loop: the /dev/fuse descriptor, for notifications
+        # and (once the kernel agreed to passthrough) to register backing files.
         self.device: int | None = None
-        # Set by the request loop once the kernel agreed to passthrough: the
-        # /dev/fuse descriptor that registers backing files.
-        self.passthrough_device: int | None = None
+        self.passthrough = False
         self._backings: dict[OpenFile, _Backing] = {}
         self._passthrough_handles: dict[int, _Backing] = {}
         self.handlers = {
@@ -197,7 +196,7 @@ class Operations:
         fh = next(self._next_fh)
         self._handles[fh] = handle
         self._handle_inodes[fh] = inode
-        if self.passthrough_device is None:
+        if not self.passthrough:
             return p.OPEN_OUT.pack(fh, 0, 0)
         open_file = handle.open_file
         backing = self._backings.get(open_file)
@@ -222,7 +221,7 @@ class Operations:
                 fd = os.open(open_file.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         request = bytearray(p.BACKING_MAP.pack(fd, 0, 0))
         try:
-            backing_id = fcntl.ioctl(self.passthrough_device, p.DEV_IOC_BACKING_OPEN, request)  # type: ignore[arg-type]
+            backing_id = fcntl.ioctl(self.device, p.DEV_IOC_BACKING_OPEN, request)  # type: ignore[arg-type]
         except OSError as exc:
             log.warning(
                 "passthrough refused (%s): reads of %r go through fusestore", exc, open_file.name
@@ -244,7 +243,7 @@ class Operations:
         del self._backings[backing.open_file]
         try:
             fcntl.ioctl(
-                self.passthrough_device,  # type: ignore[arg-type]
+                self.device,  # type: ignore[arg-type]
                 p.DEV_IOC_BACKING_CLOSE,
                 backing.backing_id.to_bytes(4, "little"),
             )

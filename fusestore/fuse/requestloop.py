@@ -293,7 +293,7 @@ class RequestLoop:
         self.io_uring = bool(agreed & p.OVER_IO_URING)
         passthrough = bool(agreed & p.PASSTHROUGH)
         if passthrough:
-            self.operations.passthrough_device = self.device
+            self.operations.passthrough = True
         if self.io_uring:
             transport = "io_uring: requests answered on the CPU that made them"
         elif wanted & p.OVER_IO_URING:

@@ -72,6 +72,21 @@ class Copy:
     stat: os.stat_result
 
 
+def _set_times(
+    target: int | str, current: os.stat_result, atime_ns: int | None, mtime_ns: int | None
+) -> None:
+    """utimensat of the times given; the other keeps its ``current`` value."""
+    if atime_ns is None and mtime_ns is None:
+        return
+    os.utime(
+        target,
+        ns=(
+            current.st_atime_ns if atime_ns is None else atime_ns,
+            current.st_mtime_ns if mtime_ns is None else mtime_ns,
+        ),
+    )
+
+
 class Pool:
     """The datadirs of one mount, and the files open in them."""
 
@@ -177,15 +192,8 @@ class Pool:
                 os.chown(datadir.path, -1 if uid is None else uid, -1 if gid is None else gid)
             if mode is not None:
                 os.chmod(datadir.path, stat.S_IMODE(mode))
-        if atime_ns is not None or mtime_ns is not None:
-            (top, current), *_ = reachable
-            os.utime(
-                top.path,
-                ns=(
-                    current.st_atime_ns if atime_ns is None else atime_ns,
-                    current.st_mtime_ns if mtime_ns is None else mtime_ns,
-                ),
-            )
+        (top, current), *_ = reachable
+        _set_times(top.path, current, atime_ns, mtime_ns)
 
     # ----------------------------------------------------------------- lookup
 
@@ -487,14 +495,7 @@ class Pool:
         if size is not None:
             os.truncate(target, size)
         if atime_ns is not None or mtime_ns is not None:
-            current = os.stat(target)
-            os.utime(
-                target,
-                ns=(
-                    current.st_atime_ns if atime_ns is None else atime_ns,
-                    current.st_mtime_ns if mtime_ns is None else mtime_ns,
-                ),
-            )
+            _set_times(target, os.stat(target), atime_ns, mtime_ns)
         return os.stat(target)
 
     def unlink(self, name: str) -> None:
@@ -569,4 +570,4 @@ class Pool:
 
     def space(self) -> PoolSpace:
         """The datadirs' filesystems added up, each once (``statfs``)."""
-        return space.measure([datadir.path for datadir in self.datadirs])
+        return space.measure([datadir.path for datadir in self.datadirs], self.name_max)

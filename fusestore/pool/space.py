@@ -45,10 +45,10 @@ def name_limit(paths: Sequence[str]) -> int:
     return min([NAME_MAX, *limits])
 
 
-def measure(paths: Sequence[str]) -> PoolSpace:
-    """Sum the filesystems of ``paths``, each filesystem once."""
+def measure(paths: Sequence[str], name_max: int) -> PoolSpace:
+    """Sum the filesystems of ``paths``, each filesystem once; ``name_max`` is
+    the name limit the pool enforces (:func:`name_limit`)."""
     total = free = available = inodes = free_inodes = 0
-    name_max = NAME_MAX
     seen: set[int] = set()
     for path in paths:
         try:
@@ -65,7 +65,6 @@ def measure(paths: Sequence[str]) -> PoolSpace:
         available += vfs.f_bavail * vfs.f_frsize
         inodes += vfs.f_files
         free_inodes += vfs.f_ffree
-        name_max = min(name_max, vfs.f_namemax)
     return PoolSpace(
         block_size=_BLOCK_SIZE,
         total_blocks=total // _BLOCK_SIZE,

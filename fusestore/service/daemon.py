@@ -25,6 +25,7 @@ from fusestore.admin import status
 from fusestore.fuse import uring
 from fusestore.fuse.handlers import Operations
 from fusestore.fuse.requestloop import RequestLoop, fuse_device_fd
+from fusestore.pool.config import escape_list_item
 from fusestore.pool.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,15 @@ def libfuse_options(options: Iterable[str], fsname: str) -> set[str]:
     """``options`` as libfuse's option parser reads them, with ``fsname=`` added
     unless there is one.
 
-    libfuse splits each option at commas unless escaped with a backslash;
+    libfuse splits each option at commas unless escaped with a backslash, as
+    datadir lists are (:func:`~fusestore.pool.config.escape_list_item`);
     pyfuse3 passes options as ASCII, so anything else in the fsname becomes ``?``.
     """
     chosen = set(options)
     if not any(option.startswith("fsname=") for option in chosen):
         printable = "".join(c if c.isascii() and c.isprintable() else "?" for c in fsname)
         chosen.add(f"fsname={printable}")
-    return {option.replace("\\", "\\\\").replace(",", "\\,") for option in chosen}
+    return {escape_list_item(option) for option in chosen}
 
 
 class MountError(RuntimeError):

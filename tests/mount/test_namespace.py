@@ -19,6 +19,7 @@ from tests.conftest import (
     MountedPool,
     MountFactory,
     TmpfsFactory,
+    errno_of,
     open_path_to,
     run_as_nobody,
 )
@@ -51,12 +52,6 @@ def seconds_until(condition, since: float, limit: float = VISIBLE_WITHIN) -> flo
             raise AssertionError(f"not within {limit} s")
         time.sleep(0.01)
     return time.monotonic() - since
-
-
-def errno_of(call, *args) -> int:
-    with pytest.raises(OSError) as caught:
-        call(*args)
-    return caught.value.errno
 
 
 def test_duplicate_name_reads_from_highest_priority(three: MountedPool) -> None:

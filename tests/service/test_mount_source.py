@@ -20,19 +20,10 @@ from tests.conftest import (
     TmpfsFactory,
     is_mounted,
     mount_env,
+    mounted_source,
     run_fusestore,
     write_config,
 )
-
-
-def mounted_source(mountpoint: Path) -> str:
-    """The source column of the mount, as findmnt shows it (octal escapes undone)."""
-    return subprocess.run(
-        ["findmnt", "-n", "-o", "SOURCE", str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from tests.conftest import (
     Datadir,
     fusestore_command,
     is_mounted,
+    mount_fields,
     write_config,
 )
 
@@ -70,14 +71,6 @@ def datagram_waiting_in(pid: int) -> bytes | None:
     return None
 
 
-def mount_type(path: Path) -> str | None:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split(" ")
-        if fields[1] == str(path):
-            return fields[2]
-    return None
-
-
 def test_notify_ready_is_sent_only_once_the_mount_answers(
     tmp_path: Path, mountpoint: Path, two_datadirs: list[Datadir]
 ) -> None:
@@ -109,7 +102,8 @@ def test_notify_ready_is_sent_only_once_the_mount_answers(
             time.sleep(0.01)
         assert waiting == f"READY=1\nSTATUS=serving {mountpoint}".encode()
         # READY=1 is being sent, not heard yet: the mount is there and answers.
-        assert mount_type(mountpoint) == "fuse.fusestore"
+        fields = mount_fields(mountpoint)
+        assert fields is not None and fields[2] == "fuse.fusestore"
         answers = subprocess.run(
             ["stat", "--format=%i", str(mountpoint)], capture_output=True, text=True, timeout=10
         )
