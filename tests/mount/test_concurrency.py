@@ -70,6 +70,19 @@ def handing_over(barrier: threading.Barrier):
     return run
 
 
+def run_pairs(barriers: list[threading.Barrier], writer, reader) -> None:
+    """``writer(i)`` and ``reader(i)`` for each pair i, all at once, each pair
+    handing over at its barrier; fails with the first failure."""
+    with ThreadPoolExecutor(max_workers=2 * len(barriers)) as executor:
+        futures = [
+            executor.submit(handing_over(barrier), work, index)
+            for index, barrier in enumerate(barriers)
+            for work in (writer, reader)
+        ]
+        for future in futures:
+            future.result(timeout=90)
+
+
 def test_sixteen_readers_each_see_exactly_what_their_writer_wrote_so_far(
     pool: MountedPool,
 ) -> None:
@@ -109,14 +122,7 @@ def test_sixteen_readers_each_see_exactly_what_their_writer_wrote_so_far(
         finally:
             os.close(kept)
 
-    with ThreadPoolExecutor(max_workers=2 * WORKERS) as executor:
-        futures = [
-            executor.submit(handing_over(barriers[i]), work, i)
-            for i in range(WORKERS)
-            for work in (write, read)
-        ]
-        for future in futures:
-            future.result(timeout=90)
+    run_pairs(barriers, write, read)
     spilled = 0
     for index in range(WORKERS):
         assert pool.path(f"file-{index}").read_bytes() == pattern(index, size)
@@ -160,14 +166,7 @@ def test_sixteen_writers_and_readers_on_one_shared_file(pool: MountedPool) -> No
         finally:
             os.close(fd)
 
-    with ThreadPoolExecutor(max_workers=2 * WORKERS) as executor:
-        futures = [
-            executor.submit(handing_over(barriers[i]), work, i)
-            for i in range(WORKERS)
-            for work in (write_region, read_region)
-        ]
-        for future in futures:
-            future.result(timeout=90)
+    run_pairs(barriers, write_region, read_region)
     data = pool.path("shared").read_bytes()
     assert len(data) == WORKERS * region
     for index in range(WORKERS):
