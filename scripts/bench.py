@@ -13,12 +13,21 @@ Targets, over the same backing datadirs (two of them, priorities 10 and 5):
   fusestore-devfuse fusestore --no-sync --no-io-uring: requests through /dev/fuse
   mergerfs       category.create=epmfs, minfreespace = fusestore's reserve
   mergerfs-cache the same plus cache.files=auto-full, writeback, attr/entry caching
+
+fusestore computes md5 and sha256 of every new file by default, in the
+background after close; the rows run with that default unless their name says
+``checksums=none``. Files a workload lays down before its measured phase have
+their checksums waited for first (``settle``), so that hashing them does not
+run during the measurement; the "checksums ready" row measures the hashing.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -29,11 +38,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 MiB = 1 << 20
+T = TypeVar("T")
 RESERVE = "64M"
 REPO = Path(__file__).resolve().parent.parent
 FUSESTORE = [sys.executable, "-m", "fusestore"]
@@ -55,6 +66,12 @@ class Sizes:
 FULL = Sizes(1024, 256, 5, 10_000, 100_000, 256, 5)
 QUICK = Sizes(128, 32, 1, 1_000, 10_000, 32, 1)  # with tmpfs only: under two minutes
 
+
+# fusestore's default checksums, kept in the extended attributes below (read
+# through the mount; a getxattr of one still being computed waits up to 10 s).
+CHECKSUMS = ("md5", "sha256")
+CHECKSUM_ATTRIBUTE = "user.fusestore.{}"
+CHECKSUMS_OFF = ["--checksums", "none"]
 
 # ------------------------------------------------------------------ targets
 
@@ -93,7 +110,10 @@ def backing(kind: str, scratch: Path, size_mib: int) -> Iterator[list[Path]]:
 
 
 @contextlib.contextmanager
-def mounted(name: str, datadirs: list[Path], scratch: Path) -> Iterator[Path]:
+def mounted(
+    name: str, datadirs: list[Path], scratch: Path, options: Sequence[str] = ()
+) -> Iterator[Path]:
+    """The target mounted over ``datadirs``; ``options`` go to fusestore only."""
     if name == "direct":
         yield datadirs[0]
         return
@@ -106,6 +126,7 @@ def mounted(name: str, datadirs: list[Path], scratch: Path) -> Iterator[Path]:
             args.append("--no-sync")
         if name == "fusestore-devfuse":
             args.append("--no-io-uring")
+        args += options
         args += ["--log-file", str(scratch / f"{name}.log"), str(mountpoint)]
         run(*args)
     else:
@@ -134,8 +155,8 @@ def drop_caches() -> None:
 # ---------------------------------------------------------------- workloads
 
 
-def write_file(path: Path, size: int, block: int = MiB) -> None:
-    data = os.urandom(block)
+def write_file(path: Path, size: int, block: int = MiB, data: bytes | None = None) -> None:
+    data = data or os.urandom(block)
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
     try:
         for _ in range(size // block):
@@ -153,6 +174,23 @@ def read_file(path: Path, block: int = MiB) -> int:
     finally:
         os.close(fd)
     return total
+
+
+def settle(path: Path) -> None:
+    """Wait until fusestore has stored the checksums of ``path`` (a file just
+    written through it), so that a measurement after this does not share the
+    CPU with their computation. Elsewhere (the datadir, mergerfs, a fusestore
+    without checksums) the getxattr fails at once; through fusestore it waits
+    up to 10 s, and is asked again (a few times) when that was not enough."""
+    for _ in range(6):
+        asked = time.monotonic()
+        try:
+            os.getxattr(path, CHECKSUM_ATTRIBUTE.format("sha256"))
+        except OSError:
+            if time.monotonic() - asked < 5:
+                return
+        else:
+            return
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -176,6 +214,7 @@ def w_seq_write(root: Path, sizes: Sizes) -> float:
 def _seq_read(root: Path, sizes: Sizes, cold: bool) -> float:
     size = sizes.seq_mib * MiB
     write_file(root / "seq", size)
+    settle(root / "seq")
     if cold:
         drop_caches()
     else:
@@ -196,6 +235,7 @@ def w_seq_read_warm(root: Path, sizes: Sizes) -> float:
 def _fio(root: Path, sizes: Sizes, mode: str, jobs: int) -> float:
     target = root / "fio.dat"
     write_file(target, sizes.fio_mib * MiB)
+    settle(target)
     os.sync()  # as in timed(): no writeback of earlier runs during this one
     out = run(
         "fio",
@@ -250,10 +290,12 @@ def w_small_files(root: Path, sizes: Sizes) -> dict[str, float]:
         "list": lambda: os.listdir(root),
         "delete": lambda: [os.unlink(p) for p in names],
     }
-    return {
-        f"4 KiB files: {phase}": sizes.small_files / timed(action)
-        for phase, action in phases.items()
-    }
+    rates = {}
+    for phase, action in phases.items():
+        rates[f"4 KiB files: {phase}"] = sizes.small_files / timed(action)
+        if phase == "create":
+            settle(names[-1])  # checksummed in order: the last one is the last done
+    return rates
 
 
 def w_parallel_write(root: Path, sizes: Sizes) -> float:
@@ -284,6 +326,7 @@ def w_cp_in(root: Path, sizes: Sizes) -> float:
 def w_cp_out(root: Path, sizes: Sizes) -> float:
     source = Path(os.environ["BENCH_SOURCE"])
     run("cp", str(source), str(root / "copied"))
+    settle(root / "copied")
     out = source.with_name("copied-out")
     seconds = timed(lambda: run("cp", str(root / "copied"), str(out)))
     (root / "copied").unlink()
@@ -291,9 +334,91 @@ def w_cp_out(root: Path, sizes: Sizes) -> float:
     return source.stat().st_size / MiB / seconds
 
 
+@functools.cache
+def _block() -> bytes:
+    """One random MiB, written over and over by w_checksums_ready."""
+    return os.urandom(MiB)
+
+
+@functools.cache
+def _digests_of(size: int) -> dict[str, str]:
+    """What hashlib makes of ``size`` bytes of _block() repeated."""
+    hashers = [hashlib.new(name) for name in CHECKSUMS]
+    for _ in range(size // MiB):
+        for hasher in hashers:
+            hasher.update(_block())
+    return {name: hasher.hexdigest() for name, hasher in zip(CHECKSUMS, hashers, strict=True)}
+
+
+def _hash_back(path: Path) -> dict[str, str]:
+    """The checksums of a file read back by this program, as fusestore does
+    (one read of 1 MiB chunks for all algorithms)."""
+    hashers = [hashlib.new(name) for name in CHECKSUMS]
+    buffer = bytearray(MiB)
+    with path.open("rb", buffering=0) as f:
+        while got := f.readinto(buffer):
+            for hasher in hashers:
+                hasher.update(memoryview(buffer)[:got])
+    return {name: hasher.hexdigest() for name, hasher in zip(CHECKSUMS, hashers, strict=True)}
+
+
+def _stored_digests(path: Path, deadline: float) -> dict[str, str]:
+    """The checksums fusestore stored for ``path``, waiting until ``deadline``."""
+    while True:
+        asked = time.monotonic()
+        try:
+            raw = os.getxattr(path, CHECKSUM_ATTRIBUTE.format("sha256"))
+            break
+        except OSError as exc:
+            # ENODATA after the mount's 10 s wait: still being computed, ask
+            # again; ENODATA at once: none pending, none will come.
+            waited = time.monotonic() - asked
+            if exc.errno != errno.ENODATA or waited < 5 or time.monotonic() > deadline:
+                raise RuntimeError(f"no sha256 of {path} through the mount: {exc}") from exc
+    return {
+        name: raw.decode()
+        if name == "sha256"
+        else os.getxattr(path, CHECKSUM_ATTRIBUTE.format(name)).decode()
+        for name in CHECKSUMS
+    }
+
+
+def w_checksums_ready(root: Path, sizes: Sizes) -> float:
+    """MiB/s from the start of writing a file until its md5 and sha256 are known.
+
+    Through fusestore: until ``getxattr`` of its sha256 returns (the daemon
+    hashes the file after ``close``, in the background). Elsewhere the program
+    writes the file and then reads it back to hash it itself. Either way the
+    digests must be hashlib's of the bytes written, or the bench stops.
+    """
+    size = sizes.seq_mib * MiB
+    path = root / "summed"
+    fusestore = _is_fusestore(root)
+    got: dict[str, str] = {}
+
+    def write_and_sum() -> None:
+        write_file(path, size, data=_block())
+        if fusestore:
+            got.update(_stored_digests(path, time.monotonic() + 300))
+        else:
+            got.update(_hash_back(path))
+
+    seconds = timed(write_and_sum)
+    path.unlink()
+    if got != _digests_of(size):
+        raise RuntimeError(f"checksums of {path}: got {got}, hashlib says {_digests_of(size)}")
+    return size / MiB / seconds
+
+
+def _is_fusestore(root: Path) -> bool:
+    """Whether ``root`` is a fusestore mount (a mountpoint named mnt-fusestore*)."""
+    return root.name.startswith("mnt-fusestore")
+
+
 # name -> (function, unit); a function returning a dict gives one row per key.
 WORKLOADS: dict[str, tuple[Callable[[Path, Sizes], float | dict[str, float]], str]] = {
     "seq write 1M blocks": (w_seq_write, "MiB/s"),
+    "checksums ready": (w_checksums_ready, "MiB/s"),
     "seq read cold": (w_seq_read_cold, "MiB/s"),
     "seq read warm": (w_seq_read_warm, "MiB/s"),
     "4k randread 1 job": (w_randread_1, "IOPS"),
@@ -307,14 +432,31 @@ WORKLOADS: dict[str, tuple[Callable[[Path, Sizes], float | dict[str, float]], st
 }
 
 
-def listing_of_big_pool(target: str, datadirs: list[Path], scratch: Path, count: int) -> float:
-    """Names per second listing a pool of ``count`` files (made directly in the datadirs)."""
+# Workloads run more than once on each target, in the same repetition, with
+# more fusestore options: row name suffix -> options. Around them the order
+# alternates from one repetition to the next.
+VARIANTS: dict[str, dict[str, list[str]]] = {
+    "seq write 1M blocks": {"": [], ", checksums=none": CHECKSUMS_OFF},
+}
+# The cost of the checksums: (row with the default checksums, row without).
+CHECKSUM_COST = ("seq write 1M blocks", "seq write 1M blocks, checksums=none")
+
+
+def listing_of_big_pool(
+    target: str, datadirs: list[Path], scratch: Path, count: int, long: bool = False
+) -> float:
+    """Names per second listing a pool of ``count`` files (made directly in the
+    datadirs): ``os.listdir``, or with ``long`` ``ls -l`` (a stat and, since
+    fusestore answers extended attributes, a listxattr of each name)."""
     for index in range(count):
         (datadirs[index % 2] / f"many-{index:07d}").touch()
     try:
         drop_caches()
         with mounted(target, datadirs, scratch) as root:
-            seconds = timed(lambda: os.listdir(root))
+            if long:
+                seconds = timed(lambda: run("ls", "-l", str(root)))
+            else:
+                seconds = timed(lambda: os.listdir(root))
     finally:
         for index in range(count):
             (datadirs[index % 2] / f"many-{index:07d}").unlink()
@@ -388,7 +530,7 @@ TARGETS = [
 ]
 
 
-def rotated(targets: list[str], repetition: int) -> list[str]:
+def rotated(targets: list[T], repetition: int) -> list[T]:
     """The targets in the order of this repetition: A B C, then B C A, then C A B.
 
     Interleaving alone leaves each target at the same place in every round,
@@ -409,21 +551,30 @@ def bench_backing(kind: str, sizes: Sizes, scratch: Path, only: list[str] | None
                 continue
             if workload == "seq read cold" and kind == "tmpfs":
                 continue  # tmpfs has no cold cache
+            variants = list(VARIANTS.get(workload, {"": []}).items())
             for repetition in range(sizes.repetitions):
                 for target in rotated(TARGETS, repetition):
-                    with mounted(target, datadirs, scratch) as root:
-                        measured = function(root, sizes)
-                    rows = measured if isinstance(measured, dict) else {workload: measured}
-                    for row, value in rows.items():
-                        results.setdefault(row, {t: [] for t in TARGETS})[target].append(value)
+                    for suffix, options in rotated(variants, repetition):
+                        with mounted(target, datadirs, scratch, options) as root:
+                            measured = function(root, sizes)
+                        rows = measured if isinstance(measured, dict) else {workload: measured}
+                        for row, value in rows.items():
+                            per = results.setdefault(row + suffix, {t: [] for t in TARGETS})
+                            per[target].append(value)
             print(f"  {kind}: {workload} done", file=sys.stderr, flush=True)
-        if not only or any("list" in word for word in only):
-            name = f"listing a {sizes.listing_files:,}-file pool"
+        listings = {
+            f"listing a {sizes.listing_files:,}-file pool": False,
+            f"ls -l of a {sizes.listing_files:,}-file pool": True,
+        }
+        for name, long in listings.items():
+            wanted = ("list", "ls") if long else ("list",)
+            if only and not any(w in word for word in only for w in wanted):
+                continue
             results[name] = {t: [] for t in TARGETS}
             for repetition in range(max(1, sizes.repetitions // 2)):
                 for target in rotated(TARGETS, repetition):
                     results[name][target].append(
-                        listing_of_big_pool(target, datadirs, scratch, sizes.listing_files)
+                        listing_of_big_pool(target, datadirs, scratch, sizes.listing_files, long)
                     )
             print(f"  {kind}: {name} done", file=sys.stderr, flush=True)
     return {
@@ -437,6 +588,19 @@ def unit_of(row: str) -> str:
         if row.startswith(workload):
             return unit
     return "names/s"
+
+
+def checksum_cost(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """fusestore's sequential write with its default checksums over the same
+    without (``checksums=none``), per fusestore target (issue 12: at least 0.8)."""
+    on, off = CHECKSUM_COST
+    if on not in results or off not in results:
+        return {}
+    return {
+        target: round(results[on][target] / results[off][target], 3)
+        for target in TARGETS
+        if target.startswith("fusestore")
+    }
 
 
 def markdown(report: dict) -> str:
@@ -455,6 +619,12 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {workload} | {unit_of(workload)} | {cells} | {fs / medians['direct']:.2f} "
                 f"| {fs / best_mergerfs:.2f} |"
+            )
+        if cost := report["checksum_cost"].get(kind):
+            ratios = ", ".join(f"{target} {ratio:.2f}" for target, ratio in cost.items())
+            lines.append(
+                f"\nseq write with checksums {','.join(CHECKSUMS)} / with checksums=none "
+                f"(target: at least 0.80): {ratios}"
             )
     return "\n".join(lines)
 
@@ -505,6 +675,7 @@ def main() -> int:
         "repetitions": sizes.repetitions,
         "quick": args.quick,
         "results": results,
+        "checksum_cost": {kind: checksum_cost(rows) for kind, rows in results.items()},
     }
     print(
         json.dumps(report, indent=2)

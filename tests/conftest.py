@@ -35,7 +35,7 @@ MountFactory = Callable[..., "MountedPool"]
 MOUNT_WAIT_SECONDS = 15
 # "devfuse": every daemon the tests start gets --no-io-uring (scripts/test's second run).
 TRANSPORT = os.environ.get("FUSESTORE_TEST_TRANSPORT", "default")
-_COMMANDS = ("mount", "status", "check")
+_COMMANDS = ("mount", "status", "check", "verify")
 WATCHDOG_SECONDS = 110  # a little under the pytest-timeout in pyproject.toml
 
 
@@ -291,6 +291,25 @@ def tmpfs(tmp_path: Path) -> Iterator[TmpfsFactory]:
         subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)], check=True
         )
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in reversed(mounted):
+        unmount_datadir(path)
+
+
+@pytest.fixture
+def ramfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``ramfs(name)`` mounts a ramfs, a filesystem that keeps no user extended
+    attributes (so no checksums); unmounted at teardown. Request it before
+    ``mount_pool`` when a pool uses it, so that the pool is unmounted first."""
+    mounted: list[Path] = []
+
+    def make(name: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        subprocess.run(["mount", "-t", "ramfs", "ramfs", str(path)], check=True)
         mounted.append(path)
         return path
 

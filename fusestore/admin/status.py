@@ -5,10 +5,11 @@ applies them right now — on a Unix socket whose path is derived from the
 mountpoint (``/run/fusestore/<hash of the mountpoint>.sock``), so the status
 command needs nothing but the mountpoint.
 
-Not an extended attribute of the mount: once a FUSE filesystem answers
-``getxattr``, the kernel asks it for ``security.capability`` before every
-``write()`` — a second round trip to the daemon that halved 4 KiB write rates
-in the benchmark. fusestore answers ENOSYS, and the kernel stops asking.
+A socket, not a file in the datadirs or an attribute of the mount, because
+what it tells is the daemon's live view: the states and the reserve it
+applies right now, the checksums it has still to compute. Only the result
+of the last ``fusestore verify`` of each datadir comes from a file (its
+``.fusestore/verify.json``, see ``admin/verifysummary.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import socket
 import tempfile
 from typing import Any
 
+from fusestore.admin.verifysummary import last_summary
 from fusestore.pool.datadirs import State
 from fusestore.pool.pool import Pool
 
@@ -41,6 +43,31 @@ def _datadir_state(pool: Pool, datadir: Any) -> str:
     return str(state.value)
 
 
+def _checksums_state(pool: Pool, datadir: Any) -> str:
+    if not getattr(datadir, "xattrs", True):
+        return "no user xattrs"
+    return "on" if getattr(pool, "algorithms", ()) else "off"
+
+
+def _checksums_pending(pool: Pool) -> int:
+    for name in ("checksums_pending", "checksums_backlog"):
+        method = getattr(pool, name, None)
+        if method is not None:
+            return int(method())
+    return 0
+
+
+# What a datadir's row tells of its last verify (the summary file has more).
+_VERIFY_KEYS = ("time", "files", "verified", "unverified", "corrupt", "changed", "unreadable")
+
+
+def _last_verify(datadir: str) -> dict[str, Any] | None:
+    summary = last_summary(datadir)
+    if summary is None:
+        return None
+    return {key: summary.get(key) for key in _VERIFY_KEYS}
+
+
 def collect(pool: Pool, **about: Any) -> dict[str, Any]:
     """One row per datadir and the pool's totals, as plain JSON-able data."""
     rows = []
@@ -54,6 +81,8 @@ def collect(pool: Pool, **about: Any) -> dict[str, Any]:
             "free_bytes": 0,
             "files": 0,
             "file_bytes": 0,
+            "checksums": _checksums_state(pool, datadir),
+            "last_verify": _last_verify(datadir.path),
         }
         try:
             vfs = os.statvfs(datadir.path)
@@ -74,6 +103,8 @@ def collect(pool: Pool, **about: Any) -> dict[str, Any]:
         **about,
         "min_free_space": pool.min_free_space,
         "sync": pool.sync,
+        "checksums": list(getattr(pool, "algorithms", ())),
+        "checksums_pending": _checksums_pending(pool),
         "datadirs": rows,
         "totals": {
             "size_bytes": space.total_blocks * space.block_size,
@@ -148,7 +179,7 @@ def human(size: int) -> str:
 
 def render_table(status: dict[str, Any]) -> str:
     """A table for people; scripts should use ``--json``."""
-    header = ("DATADIR", "PRIORITY", "STATE", "SIZE", "FREE", "FILES", "USED BY FILES")
+    header = ("DATADIR", "PRIORITY", "STATE", "SIZE", "FREE", "FILES", "USED BY FILES", "VERIFIED")
     rows = [
         (
             row["path"],
@@ -158,6 +189,7 @@ def render_table(status: dict[str, Any]) -> str:
             human(row["free_bytes"]),
             str(row["files"]),
             human(row["file_bytes"]),
+            verified_cell(row),
         )
         for row in status["datadirs"]
     ]
@@ -171,6 +203,7 @@ def render_table(status: dict[str, Any]) -> str:
             human(totals["free_bytes"]),
             str(totals["files"]),
             human(totals["file_bytes"]),
+            "",
         )
     )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -187,4 +220,26 @@ def render_table(status: dict[str, Any]) -> str:
         f"mountpoint {status.get('mountpoint', '?')}, pid {status.get('pid', '?')}, "
         f"reserve {reserve}, {sync}, {totals['names']} names, requests through {transport}"
     )
+    if "checksums" in status:  # a daemon older than checksums does not say
+        algorithms = ", ".join(status["checksums"])
+        pending = status.get("checksums_pending", 0)
+        lines.append(
+            f"checksums {algorithms}, {pending} file(s) pending" if algorithms else "checksums off"
+        )
     return "\n".join(lines)
+
+
+def verified_cell(row: dict[str, Any]) -> str:
+    """A datadir's last verify, compactly: "120 ok, 1 corrupt (2026-11-26)", or "never"."""
+    if row.get("checksums") == "no user xattrs":
+        return "no user xattrs"
+    last = row.get("last_verify")
+    if not last:
+        return "never"
+    counts = [f"{last.get('verified') or 0} ok"]
+    counts += [
+        f"{last[key]} {key}"
+        for key in ("unverified", "corrupt", "changed", "unreadable")
+        if last.get(key)
+    ]
+    return f"{', '.join(counts)} ({str(last.get('time') or '?')[:10]})"

@@ -18,9 +18,14 @@ passthrough (registered read-write for that reason) and writes straight to
 the datadir, without the move on a full datadir. Without passthrough, opens
 use the page cache.
 
-Extended attributes are not implemented (ENOSYS): the kernel then stops
-asking, where it would otherwise ask ``getxattr`` for ``security.capability``
-before every write — a round trip per ``write()``.
+Extended attributes (``getxattr`` and friends) are the pool's
+(``fusestore/pool/attributes.py``): the user's ``user.*`` on the backing file,
+and the pool's own ``user.fusestore.*``. A checksum still being computed is
+waited for, with the request lock released so the pool serves others
+meanwhile, for at most ``CHECKSUM_WAIT`` seconds. Since the mount answers
+``getxattr``, the kernel asks for ``security.capability`` before each write
+that does not come to the pool as direct I/O (page-cache writes without
+passthrough, writes joining a reader's passthrough); it is answered at once.
 
 The pool's calls are plain system calls made from the request thread. On the
 datadirs fusestore targets (local disks, tmpfs) they take microseconds, far
@@ -62,6 +67,10 @@ NEGATIVE_TIMEOUT = 1
 # in one, instead of 128 KiB: each request has a fixed cost in the daemon.
 PREFERRED_IO_SIZE = 1024 * 1024
 
+# How long a getxattr of a checksum being computed waits for it: longer than
+# a 4 GiB image takes to hash here; a longer wait answers ENODATA.
+CHECKSUM_WAIT = 10
+
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
 
@@ -94,6 +103,15 @@ def _entry(inode: int, st: os.stat_result) -> bytes:
 
 def _attr_reply(inode: int, st: os.stat_result, nlink: int | None = None) -> bytes:
     return p.ATTR_OUT_HEAD.pack(ATTR_TIMEOUT, 0, 0) + _attr(inode, st, nlink)
+
+
+def _sized(size: int, value: bytes) -> bytes:
+    """A getxattr/listxattr reply: the room needed when asked with size 0, else the value."""
+    if size == 0:
+        return p.GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise OSError(errno.ERANGE, f"{len(value)} bytes do not fit in {size}")
+    return value
 
 
 # A negative lookup the kernel may cache for NEGATIVE_TIMEOUT.
@@ -141,6 +159,10 @@ class Operations:
         # and (once the kernel agreed to passthrough) to register backing files.
         self.device: int | None = None
         self.passthrough = False
+        # Set by the request loop: a ``with`` block in which other requests run.
+        self.outside_lock: Callable[[], contextlib.AbstractContextManager[None]] = (
+            contextlib.nullcontext
+        )
         self._backings: dict[OpenFile, _Backing] = {}
         self._passthrough_handles: dict[int, _Backing] = {}
         self.handlers = {
@@ -165,6 +187,10 @@ class Operations:
             p.READDIR: self.readdir,
             p.RELEASEDIR: self.releasedir,
             p.STATFS: self.statfs,
+            p.GETXATTR: self.getxattr,
+            p.LISTXATTR: self.listxattr,
+            p.SETXATTR: self.setxattr,
+            p.REMOVEXATTR: self.removexattr,
         }
 
     # ---------------------------------------------------------------- helpers
@@ -477,6 +503,50 @@ class Operations:
         # One encoding of all names joined: a fifth of encoding them one by one.
         encoded = "\0".join(named).encode(_FS_ENCODING, _FS_ERRORS).split(b"\0")
         return dict(zip(encoded, named.values(), strict=True))
+
+    # --------------------------------------------------- extended attributes
+
+    def _file_of(self, inode: int) -> tuple[str, Handle | None]:
+        """The name of a file, or the handle of one unlinked while open."""
+        if inode == ROOT_INODE:
+            raise OSError(errno.ENOTSUP, "the pool's root keeps no extended attributes")
+        name = self.inodes.name_of(inode)
+        return ("", self._orphan_handle(inode)) if name is None else (name, None)
+
+    def getxattr(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        size, _ = p.GETXATTR_IN.unpack_from(body)
+        attribute = os.fsdecode(p.split_name(body[p.GETXATTR_IN.size :]))
+        if inode == ROOT_INODE:
+            raise OSError(errno.ENODATA, attribute)
+        name, handle = self._file_of(inode)
+        due = None if handle else self.pool.checksums_due(name, attribute)
+        if due is not None and not due.is_set():
+            with self.outside_lock():
+                due.wait(CHECKSUM_WAIT)
+            name, handle = self._file_of(inode)  # anything may have happened meanwhile
+        return _sized(size, self.pool.get_attribute(name, attribute, handle))
+
+    def listxattr(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        size, _ = p.GETXATTR_IN.unpack_from(body)
+        if inode == ROOT_INODE:
+            return _sized(size, b"")
+        names = self.pool.list_attributes(*self._file_of(inode))
+        return _sized(size, b"".join(os.fsencode(n) + b"\0" for n in names))
+
+    def setxattr(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        size, flags = p.SETXATTR_IN.unpack_from(body)
+        raw = p.split_name(body[p.SETXATTR_IN.size :])
+        start = p.SETXATTR_IN.size + len(raw) + 1
+        value = bytes(body[start : start + size])
+        name, handle = self._file_of(inode)
+        self.pool.set_attribute(name, os.fsdecode(raw), value, flags, handle)
+        return b""
+
+    def removexattr(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        attribute = os.fsdecode(p.split_name(body))
+        name, handle = self._file_of(inode)
+        self.pool.remove_attribute(name, attribute, handle)
+        return b""
 
     def releasedir(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         (fh, *_) = p.RELEASE_IN.unpack_from(body)

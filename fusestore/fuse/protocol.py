@@ -30,6 +30,10 @@ WRITE = 16
 STATFS = 17
 RELEASE = 18
 FSYNC = 20
+SETXATTR = 21
+GETXATTR = 22
+LISTXATTR = 23
+REMOVEXATTR = 24
 FLUSH = 25
 INIT = 26
 OPENDIR = 27
@@ -111,6 +115,10 @@ FSYNC_IN = struct.Struct("=QII")
 FORGET_IN = struct.Struct("=Q")
 BATCH_FORGET_IN = struct.Struct("=II")
 FORGET_ONE = struct.Struct("=QQ")
+GETXATTR_IN = struct.Struct("=II")  # size padding; also fuse_listxattr's
+GETXATTR_OUT = struct.Struct("=II")  # size padding: the room a value needs
+# fuse_setxattr_in as sent without FUSE_SETXATTR_EXT (not negotiated): size flags
+SETXATTR_IN = struct.Struct("=II")
 RENAME_IN = struct.Struct("=Q")
 RENAME2_IN = struct.Struct("=QII")
 KSTATFS = struct.Struct("=QQQQQIIII24x")

@@ -47,6 +47,11 @@ class RequestLock:
             if not self._waiting:
                 condition.notify_all()  # writes held back may go on after us
 
+    def released(self) -> _Released:
+        """Inside an exclusive section: let others run while this one waits for
+        something that takes long (a ``with`` block); exclusive again after."""
+        return _Released(self)
+
     def overlapping(self, prepare: Callable[[], Callable[[], _T] | None]) -> _T | None:
         """Run ``prepare`` exclusively, then what it returns beside other writes.
 
@@ -84,3 +89,18 @@ class _Exclusive:
 
     def __exit__(self, *_: object) -> None:
         self._lock._condition.release()
+
+
+class _Released:
+    """``with lock.released():`` inside an exclusive section."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: RequestLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock._condition.release()
+
+    def __exit__(self, *_: object) -> None:
+        self._lock._enter_exclusive()

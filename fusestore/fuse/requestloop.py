@@ -59,7 +59,8 @@ _QUEUE_DEPTH = 4
 # What the kernel still sends through /dev/fuse once the io_uring queues run.
 _NOT_FOR_QUEUES = frozenset({p.FORGET, p.BATCH_FORGET, p.INTERRUPT})
 # Expected errors that need no log line of their own.
-_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG})
+# (ENODATA: an extended attribute a file does not have; ls -l asks for some.)
+_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.ENODATA})
 
 
 def fuse_device_fd() -> int | None:
@@ -90,6 +91,7 @@ class RequestLoop:
         operations.device = device
         # Requests take it exclusively (writes may overlap); so does a reload.
         self.lock = RequestLock()
+        operations.outside_lock = self.lock.released
         self.busy_poll_seconds = busy_poll_us / 1e6
         self.debug = debug
         self._stopping = False

@@ -9,14 +9,21 @@ whether a datadir exists or can be written is the pool's business
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 _PRIORITY_RE = re.compile(r"[0-9]+")
 _SIZE_RE = re.compile(r"([0-9]+)\s*([KMGT]?)(I?B)?", re.IGNORECASE)
 _SIZE_FACTORS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_CHECKSUM_SEPARATORS = re.compile(r"[\s,:+]+")
+
+# Glance's ``checksum`` is an md5; sha256 is what an operator compares today.
+DEFAULT_CHECKSUMS = ("md5", "sha256")
+# The word that turns checksums off where a list cannot be empty (-o, the command line).
+NO_CHECKSUMS = "none"
 
 
 class ConfigError(ValueError):
@@ -38,6 +45,7 @@ class PoolConfig:
     datadirs: tuple[DatadirSpec, ...]
     min_free_space: int = 0
     sync: bool = True  # fsync a new file and its directory entry before publishing it
+    checksums: tuple[str, ...] = DEFAULT_CHECKSUMS  # computed for every new file; () for none
 
 
 def parse_datadir_spec(spec: str, base: str | None = None) -> DatadirSpec:
@@ -118,11 +126,39 @@ def parse_size(text: str) -> int:
     return int(number) * _SIZE_FACTORS[unit.upper()]
 
 
+def parse_checksums(value: str | Iterable[str]) -> tuple[str, ...]:
+    """The checksum algorithms, lower-cased and each once, or ConfigError naming a bad one.
+
+    A list (TOML), or one string with the names separated by ``:``, ``+``,
+    ``,`` or spaces (``-o checksums=md5:sha256``, ``--checksums md5,sha256``);
+    ``none`` or an empty list for no checksums. Any of hashlib's
+    fixed-length algorithms; the SHAKEs are refused, since their digest
+    length would be one more setting.
+    """
+    names = _CHECKSUM_SEPARATORS.split(value) if isinstance(value, str) else list(value)
+    checked: list[str] = []
+    for raw in names:
+        name = raw.strip().lower()
+        if not name or (name == NO_CHECKSUMS and isinstance(value, str)):
+            continue
+        if name.startswith("shake_") or name not in hashlib.algorithms_available:
+            known = ", ".join(
+                sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake_"))
+            )
+            raise ConfigError(
+                f"checksum algorithm {raw!r} is not known (use any of: {known}; or {NO_CHECKSUMS})"
+            )
+        if name not in checked:
+            checked.append(name)
+    return tuple(checked)
+
+
 def build_pool_config(
     datadir: str | None,
     datadirs: Sequence[str] | None,
     min_free_space: str | int = 0,
     sync: bool = True,
+    checksums: str | Iterable[str] = DEFAULT_CHECKSUMS,
 ) -> PoolConfig:
     """Combine the single-datadir and list forms into one validated config."""
     if datadir is not None and datadirs:
@@ -144,4 +180,9 @@ def build_pool_config(
         min_free_space = parse_size(min_free_space)
     if min_free_space < 0:
         raise ConfigError(f"min_free_space {min_free_space!r} is negative")
-    return PoolConfig(datadirs=tuple(specs), min_free_space=min_free_space, sync=sync)
+    return PoolConfig(
+        datadirs=tuple(specs),
+        min_free_space=min_free_space,
+        sync=sync,
+        checksums=parse_checksums(checksums),
+    )

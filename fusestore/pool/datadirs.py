@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fusestore.pool.checksums import supports_xattrs
 from fusestore.pool.config import ConfigError, DatadirSpec
 from fusestore.pool.private import PrivateArea
 
@@ -41,6 +42,9 @@ class Datadir:
     state: State = State.OK
     free_bytes: int = 0
     retired: bool = False  # dropped from the config on reload: no new files, files stay
+    # Whether its filesystem keeps user extended attributes: without them
+    # files there get no checksums (and users' attributes are refused).
+    xattrs: bool = True
     _logged_state: State = field(default=State.OK, repr=False)
 
     def path_of(self, name: str) -> str:
@@ -146,7 +150,22 @@ def mark_and_sweep(datadirs: Sequence[Datadir]) -> None:
             continue
         datadir.private.write_mark(members, mark.datadir_id if mark else None)
         start_private_area(datadir)
+        _probe_xattrs(datadir)
         datadir.assess()
+
+
+def _probe_xattrs(datadir: Datadir) -> None:
+    try:
+        xattrs = supports_xattrs(datadir.private.root)
+    except OSError as exc:
+        log.error("datadir %s: cannot probe extended attributes: %s", datadir.path, exc.strerror)
+        return
+    if not xattrs and datadir.xattrs:
+        log.warning(
+            "datadir %s keeps no user extended attributes: files there get no checksums",
+            datadir.path,
+        )
+    datadir.xattrs = xattrs
 
 
 def start_private_area(datadir: Datadir) -> None:

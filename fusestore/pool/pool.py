@@ -27,13 +27,15 @@ import errno
 import logging
 import os
 import stat
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import TypeVar
 
-from fusestore.pool import publish, snapshot, space
+from fusestore.pool import attributes, checksums, publish, snapshot, space
+from fusestore.pool.checksummer import Checksummer
 from fusestore.pool.config import PoolConfig
 from fusestore.pool.datadirs import (
     Datadir,
@@ -100,13 +102,16 @@ class Pool:
         self._datadir_by_path = {datadir.path: datadir for datadir in self.datadirs}
         self.min_free_space = config.min_free_space
         self.sync = config.sync
+        self.algorithms = config.checksums
+        self.checksummer = Checksummer()
         self._open_files: dict[str, OpenFile] = {}
         self._lister = DatadirLister()
         self.name_max = space.name_limit([datadir.path for datadir in self.datadirs])
 
     def start(self) -> None:
-        """Mark the datadirs and sweep the leftovers of writers that crashed."""
+        """Mark the datadirs, sweep the leftovers of writers that crashed, start checksumming."""
         mark_and_sweep(self.datadirs)
+        self.checksummer.start()
 
     def reconfigure(self, config: PoolConfig) -> None:
         """Apply a reloaded config at once, or raise ConfigError and change nothing.
@@ -134,10 +139,12 @@ class Pool:
         self._datadir_by_path = {datadir.path: datadir for datadir in self.datadirs}
         self.min_free_space = config.min_free_space
         self.sync = config.sync
+        self.algorithms = config.checksums
         self.name_max = space.name_limit([datadir.path for datadir in self.datadirs])
         mark_and_sweep(self.datadirs)
 
     def stop(self) -> None:
+        self.checksummer.stop()
         self._lister.stop()
         for datadir in self.datadirs:
             datadir.private.stop()
@@ -345,6 +352,8 @@ class Pool:
         access = os.O_RDWR if writable else os.O_RDONLY
         backing_flags = (flags & ~_CALLER_ONLY_FLAGS) | access | BACKING_FLAGS
         fd = os.open(open_file.path, backing_flags)  # type: ignore[arg-type]
+        if writable and not open_file.new:
+            self._will_change(open_file.path, fd)  # type: ignore[arg-type]
         if flags & os.O_TRUNC and writable:
             try:
                 os.ftruncate(fd, 0)
@@ -385,6 +394,8 @@ class Pool:
         """Write all of ``data``, moving the file to another datadir if its own is full."""
         open_file = handle.open_file
         if handle.published_early:
+            if open_file.path is not None and not open_file.new:
+                self._will_change(open_file.path, handle.fd)
             publish.take_back(handle, self._datadir_by_path[open_file.datadir])
         tried: set[str] = set()
         while True:
@@ -422,6 +433,13 @@ class Pool:
             unlinked = open_file.name is None
             self._finish_new_file(open_file)
             handle.published_early = not unlinked
+        elif (
+            handle.writable
+            and not open_file.new
+            and open_file.path is not None
+            and not any(h.writable for h in open_file.handles if h is not handle)
+        ):
+            self._checksum_later(open_file.datadir, open_file.path)
 
     def fsync(self, handle: Handle, datasync: bool) -> None:
         """fsync; for a new file, also report EEXIST if its name was taken meanwhile."""
@@ -458,6 +476,49 @@ class Pool:
             if name is not None and (open_file.name is None or open_file.path is None):
                 self._forget(name, open_file)
             raise
+        if open_file.name is not None and open_file.path is not None:
+            self._checksum_later(open_file.datadir, open_file.path, open_file.any_fd())
+
+    # -------------------------------------------------------------- checksums
+
+    def _checksum_later(self, datadir: str, path: str, new_fd: int | None = None) -> None:
+        """Have the file's checksums computed in the background (``checksummer.py``);
+        a small file just published (``new_fd``, one of its descriptors) at once."""
+        if not (self.algorithms and self._datadir_by_path[datadir].xattrs):
+            return
+        if new_fd is not None and os.fstat(new_fd).st_size <= checksums.AT_ONCE:
+            try:
+                if checksums.store_now(new_fd, self.algorithms, new_file=True):
+                    return
+            except OSError as exc:
+                log.error("cannot store the checksums of %s: %s", path, exc.strerror)
+                return
+        self.checksummer.add(path, self.algorithms, new_file=new_fd is not None)
+
+    def _will_change(self, path: str, target: int | str) -> None:
+        """The file's bytes are about to change through the pool: a job reading
+        it stores nothing, and its stored checksums go."""
+        self.checksummer.cancel(path)
+        try:
+            checksums.drop(target)
+        except OSError as exc:
+            # Its stamp still tells that the record is stale once it changes.
+            log.error("cannot drop the checksums of %s: %s", path, exc.strerror)
+
+    def checksums_due(self, name: str, attribute: str) -> threading.Event | None:
+        """What to wait on (outside the request lock) before answering ``attribute``
+        of ``name``: set once the checksums being computed are stored."""
+        if attributes.checksum_algorithm(attribute) is None and attribute != checksums.VERIFIED:
+            return None
+        open_file = self._open_files.get(name)
+        if open_file is not None and open_file.new:
+            return None  # not published: no checksums yet
+        path = open_file.path if open_file is not None else self._path_or_none(name)
+        return None if path is None else self.checksummer.pending(path)
+
+    def checksums_pending(self) -> int:
+        """Files waiting for their checksums."""
+        return self.checksummer.backlog()
 
     def _forget(self, name: str, open_file: OpenFile) -> None:
         if self._open_files.get(name) is open_file:
@@ -477,26 +538,76 @@ class Pool:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> os.stat_result:
-        """chmod/chown/truncate/utimens on the copy that reads see."""
-        target: int | str
-        open_file = handle.open_file if handle is not None else self._open_files.get(name)
-        if open_file is not None and open_file.path is None:
-            # Unlinked while open: only a descriptor reaches it.
-            writable = [h for h in open_file.handles if h.writable]
-            target = (writable or list(open_file.handles))[0].fd
-        elif open_file is not None:
-            target = open_file.path  # type: ignore[assignment]
-        else:
-            target = self.locate(name).path
+        """chmod/chown/truncate/utimens on the copy that reads see.
+
+        A truncation drops the file's checksums and has them computed again
+        once no handle writes to it; a change of times alone keeps them.
+        """
+        target, datadir, open_file = self._target(name, handle)
+        path = target if isinstance(target, str) else None
+        published = path is not None and (open_file is None or not open_file.new)
         if uid is not None or gid is not None:
             os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid)
         if mode is not None:
             os.chmod(target, stat.S_IMODE(mode))
         if size is not None:
+            if published:
+                self._will_change(path, target)  # type: ignore[arg-type]
             os.truncate(target, size)
+            if published and not (open_file and any(h.writable for h in open_file.handles)):
+                self._checksum_later(datadir, path)  # type: ignore[arg-type]
         if atime_ns is not None or mtime_ns is not None:
-            _set_times(target, os.stat(target), atime_ns, mtime_ns)
+            before = os.stat(target)
+            _set_times(target, before, atime_ns, mtime_ns)
+            if published and size is None:
+                try:
+                    checksums.restamp(target, before, os.stat(target))
+                except OSError as exc:
+                    log.error("cannot keep the checksums of %s: %s", path, exc.strerror)
         return os.stat(target)
+
+    def _target(self, name: str, handle: Handle | None) -> tuple[int | str, str, OpenFile | None]:
+        """What reaches the file that reads see — its path, or a descriptor when it
+        was unlinked while open — with its datadir and its open file, if any."""
+        open_file = handle.open_file if handle is not None else self._open_files.get(name)
+        if open_file is not None and open_file.path is None:
+            writable = [h for h in open_file.handles if h.writable]
+            return (writable or list(open_file.handles))[0].fd, open_file.datadir, open_file
+        if open_file is not None:
+            return open_file.path, open_file.datadir, open_file  # type: ignore[return-value]
+        copy = self.locate(name)
+        return copy.path, copy.datadir.path, None
+
+    def _path_or_none(self, name: str) -> str | None:
+        for copy in self._iter_copies(name):
+            return copy.path
+        return None
+
+    # ---------------------------------------------------- extended attributes
+
+    def get_attribute(self, name: str, attribute: str, handle: Handle | None = None) -> bytes:
+        """An extended attribute (``attributes.py``): the user's, or the pool's own."""
+        target, datadir, _ = self._target(name, handle)
+        if attributes.is_own(attribute):
+            path = target if isinstance(target, str) else None
+            return attributes.own_value(attribute, target, datadir, path)
+        return attributes.get(attribute, target)
+
+    def list_attributes(self, name: str, handle: Handle | None = None) -> list[str]:
+        """The user's extended attributes (the pool's own are answered, not listed)."""
+        return attributes.names(self._target(name, handle)[0])
+
+    def set_attribute(
+        self, name: str, attribute: str, value: bytes, flags: int, handle: Handle | None = None
+    ) -> None:
+        attributes.check_changeable(attribute)
+        target = self._target(name, handle)[0]
+        os.setxattr(target, attribute, value, flags, **checksums.no_follow(target))
+
+    def remove_attribute(self, name: str, attribute: str, handle: Handle | None = None) -> None:
+        attributes.check_changeable(attribute)
+        target = self._target(name, handle)[0]
+        os.removexattr(target, attribute, **checksums.no_follow(target))
 
     def unlink(self, name: str) -> None:
         """Remove every copy, so a deleted file never returns from a lower datadir."""
@@ -506,6 +617,7 @@ class Pool:
             raise failure(errno.ENOENT, name)
         first_error: OSError | None = None
         for copy in copies:
+            self.checksummer.cancel(copy.path)
             try:
                 os.unlink(copy.path)
             except FileNotFoundError:
@@ -546,9 +658,11 @@ class Pool:
                     raise  # nothing has changed yet
                 log.error("cannot rename shadowed copy %s: %s", source.path, exc.strerror)
                 continue
+            self.checksummer.renamed(source.path, source.datadir.path_of(new))
             renamed_in.add(source.datadir.path)
         for target in targets:
             if target.datadir.path not in renamed_in:
+                self.checksummer.cancel(target.path)
                 try:
                     os.unlink(target.path)
                 except OSError as exc:

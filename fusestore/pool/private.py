@@ -17,6 +17,9 @@ published under its real name with a ``link`` on that filesystem:
 ``kept/``
     Data of a writer that lost a race for a name (its ``close`` got EEXIST):
     kept aside, never deleted by fusestore, for ``fusestore check`` to list.
+``verify.json``
+    What the last whole ``fusestore verify`` pass of this datadir found
+    (``fusestore/admin/verifysummary.py``), for ``fusestore status``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import os
 import stat
 from collections.abc import Callable
 
+from fusestore.pool import attributes
 from fusestore.pool.datadirs import Datadir, start_private_area
 from fusestore.pool.openfiles import NEW_FILE_FLAGS, OpenFile
 
@@ -60,6 +61,20 @@ def move_to_another_datadir(
             tried.add(target.path)
 
 
+def _carry_attributes(source_fd: int, target_fd: int, name: str | None, target: Datadir) -> None:
+    """The file's extended attributes go with its bytes; if the target keeps
+    none, the bytes still move (they matter more) and the log says what was lost."""
+    try:
+        attributes.copy_all(source_fd, target_fd)
+    except OSError as exc:
+        log.error(
+            "extended attributes of %r could not move with it to %s: %s",
+            name or "(unlinked file)",
+            target.path,
+            exc.strerror,
+        )
+
+
 def move_open_file(open_file: OpenFile, target: Datadir) -> None:
     """Copy the bytes to ``target`` and swap every handle's descriptor in place.
 
@@ -79,6 +94,7 @@ def move_open_file(open_file: OpenFile, target: Datadir) -> None:
             os.fchown(new_fd, st.st_uid, st.st_gid)
         os.fchmod(new_fd, stat.S_IMODE(st.st_mode))
         copy_bytes(source_fd, new_fd, st.st_size)
+        _carry_attributes(source_fd, new_fd, open_file.name, target)
         if not open_file.new and source_path is not None and open_file.name is not None:
             final_path = target.path_of(open_file.name)
             os.link(new_path, final_path)

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fusestore.pool.config import (
+    DEFAULT_CHECKSUMS,
     ConfigError,
     PoolConfig,
     absolute_spec,
     build_pool_config,
+    parse_checksums,
     parse_datadir_spec,
     parse_size,
     split_list,
@@ -32,11 +34,13 @@ from fusestore.pool.config import (
 # name -> what the value must be, in a file or a -o option
 _STRING, _STRINGS, _SIZE, _BOOL = "a string", "a list of strings", "a size", "true or false"
 _COUNT = "a whole number"
+_ALGORITHMS = "a list of checksum algorithms (or none)"
 SETTINGS: Mapping[str, str] = {
     "datadir": _STRING,
     "datadirs": _STRINGS,
     "min_free_space": _SIZE,
     "no_sync": _BOOL,
+    "checksums": _ALGORITHMS,
     "busy_poll": _COUNT,
     "no_io_uring": _BOOL,
     "metadata_file": _STRING,
@@ -72,6 +76,7 @@ class Settings:
     datadirs: list[str] = field(default_factory=list)
     min_free_space: int = 0
     no_sync: bool = False
+    checksums: tuple[str, ...] = DEFAULT_CHECKSUMS
     busy_poll: int = DEFAULT_BUSY_POLL_US
     no_io_uring: bool = False
     metadata_file: str | None = None
@@ -81,7 +86,11 @@ class Settings:
 
     def pool_config(self) -> PoolConfig:
         return build_pool_config(
-            self.datadir, self.datadirs, self.min_free_space, sync=not self.no_sync
+            self.datadir,
+            self.datadirs,
+            self.min_free_space,
+            sync=not self.no_sync,
+            checksums=self.checksums,
         )
 
     def metadata(self) -> Any:
@@ -121,6 +130,13 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         return int(value)
     if kind == _SIZE and isinstance(value, str):
         return parse_size(value)
+    if kind == _ALGORITHMS and isinstance(value, str | list):
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}setting {key!r} must be {kind}, not {value!r}")
+        try:
+            return parse_checksums(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}setting {key!r}: {exc}") from None
     raise ConfigError(f"{where}setting {key!r} must be {kind}, not {value!r}")
 
 

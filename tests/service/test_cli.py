@@ -87,6 +87,17 @@ def test_bad_min_free_space_is_refused_by_value(tmp_path: Path, mountpoint: Path
     assert_config_error(result, "'ten'")
 
 
+@pytest.mark.parametrize("form", [["--checksums", "md5,crc32"], ["-o", "checksums=md5:crc32"]])
+def test_an_unknown_checksum_is_refused_by_name(
+    tmp_path: Path, mountpoint: Path, form: list[str]
+) -> None:
+    result = run_fusestore("mount", "--datadir", str(tmp_path / "a"), *form, str(mountpoint))
+    assert result.returncode == 2
+    assert "checksum algorithm 'crc32' is not known" in result.stderr
+    assert "sha256" in result.stderr  # what would do
+    assert not (tmp_path / "a").exists()
+
+
 def test_read_only_datadir_is_refused(tmpfs: TmpfsFactory, mountpoint: Path) -> None:
     readonly = tmpfs("ro", 4)
     subprocess.run(["mount", "-o", "remount,ro", str(readonly)], check=True)

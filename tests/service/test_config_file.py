@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -34,8 +36,20 @@ from tests.conftest import (
         ('datadirs = ["/srv/a:1"]\nno_sync = "yes"\n', [":2:", "no_sync", "true or false"]),
         ('datadirs = ["/srv/a:1"]\nmin_free_space = = 3\n', ["line 2"]),
         ('datadir = "/srv/a"\ndatadirs = ["/srv/b:1"]\n', [":2:", "not both"]),
+        ('datadirs = ["/srv/a:1"]\nchecksums = ["md5", "crc32"]\n', [":2:", "'crc32'"]),
+        ('datadirs = ["/srv/a:1"]\nchecksums = ["shake_128"]\n', [":2:", "'shake_128'"]),
     ],
-    ids=["bad-priority", "unknown", "bad-size", "wrong-type", "bad-bool", "syntax", "both"],
+    ids=[
+        "bad-priority",
+        "unknown",
+        "bad-size",
+        "wrong-type",
+        "bad-bool",
+        "syntax",
+        "both",
+        "bad-checksum",
+        "variable-length-checksum",
+    ],
 )
 def test_config_errors_name_file_line_and_setting(
     tmp_path: Path, mountpoint: Path, text: str, fragments: list[str]
@@ -116,6 +130,7 @@ COVERED_SETTINGS = {
     "datadirs",
     "min_free_space",
     "no_sync",
+    "checksums",
     "busy_poll",
     "no_io_uring",
     "metadata_file",
@@ -138,6 +153,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
         return [
             *(arg for value in pool for arg in (flag, value)),
             *("--min-free-space", "1M", "--no-sync", "--busy-poll", "7", "--no-io-uring"),
+            *("--checksums", "sha1"),
             *("--metadata-file", paths["metadata_file"], "--log-file", paths["log_file"]),
             *("--debug", "-o", "allow_other"),
         ]
@@ -145,6 +161,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
         options = [
             *(f"{pool_key}={value}" for value in pool),
             *("min_free_space=1M", "no_sync=true", "busy_poll=7", "no_io_uring=true"),
+            "checksums=sha1",
             f"metadata_file={paths['metadata_file']}",
             f"log_file={paths['log_file']}",
             *("debug=true", "allow_other"),
@@ -155,6 +172,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
         **{pool_key: pool[0] if pool_key == "datadir" else pool},
         min_free_space="1M",
         no_sync=True,
+        checksums=["sha1"],
         busy_poll=7,
         no_io_uring=True,
         metadata_file=paths["metadata_file"],
@@ -198,7 +216,9 @@ def test_every_setting_works_in_every_form(
         (mountpoint / "image").write_bytes(b"x")
         log = log_file.read_text()  # log_file
         (mounted,) = [line for line in log.splitlines() if " INFO mounted " in line]
-        assert mounted.endswith(", no fsync (--no-sync), busy_poll 7 µs"), mounted
+        assert mounted.endswith(", no fsync (--no-sync), checksums sha1, busy_poll 7 µs"), mounted
+        sha1 = hashlib.sha1(b"x").hexdigest()
+        assert os.getxattr(mountpoint / "image", "user.fusestore.sha1").decode() == sha1
         assert " DEBUG create(" in log  # debug
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import signal
 from pathlib import Path
@@ -89,3 +90,31 @@ def test_a_reload_reorders_datadirs_and_new_priorities_place_the_next_file(
     (mountpoint / "next").write_bytes(b"placed by the new priority")
     assert (a / "next").read_bytes() == b"placed by the new priority"
     assert not (b / "next").exists()
+
+
+def test_a_reload_changes_the_checksums_of_the_next_new_files(
+    tmp_path: Path, mountpoint: Path, tmpfs: TmpfsFactory
+) -> None:
+    datadir = Datadir(tmpfs("only", 16))
+    config = write_config(tmp_path / "pool.toml", datadirs=[datadir.spec])
+    log_file = tmp_path / "daemon.log"
+    args = ["mount", "--config", str(config), "--log-file", str(log_file), str(mountpoint)]
+    assert run_fusestore(*args).returncode == 0
+    (mountpoint / "before").write_bytes(b"1")
+    assert os.getxattr(mountpoint / "before", "user.fusestore.md5")
+
+    write_config(config, datadirs=[datadir.spec], checksums=["sha512"])
+    os.kill(daemon_pid(mountpoint), signal.SIGHUP)
+    wait_for_log(log_file, "reloaded")
+    assert "checksums sha512" in log_file.read_text()
+    (mountpoint / "after").write_bytes(b"2")
+    assert os.getxattr(mountpoint / "after", "user.fusestore.sha512").decode() == (
+        hashlib.sha512(b"2").hexdigest()
+    )
+    with pytest.raises(OSError) as caught:
+        os.getxattr(mountpoint / "after", "user.fusestore.md5")
+    assert caught.value.errno == errno.ENODATA
+    # Files checksummed before keep what they have.
+    assert os.getxattr(mountpoint / "before", "user.fusestore.md5").decode() == (
+        hashlib.md5(b"1").hexdigest()
+    )

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from fusestore.admin import status
+from fusestore.pool import checksums
 from tests.conftest import (
     Datadir,
+    MountFactory,
     TmpfsFactory,
     daemon_pid,
     run_fusestore,
@@ -117,3 +122,75 @@ def test_totals_count_a_filesystem_shared_by_datadirs_once(
     assert [row["size_bytes"] for row in report["datadirs"]] == [vfs.f_blocks * vfs.f_frsize] * 2
     df = os.statvfs(mountpoint)
     assert df.f_blocks * df.f_frsize == vfs.f_blocks * vfs.f_frsize
+
+
+def test_status_shows_checksums_and_the_last_verify(
+    two_datadirs: list[Datadir], mount_pool: MountFactory
+) -> None:
+    fast, big = two_datadirs
+    mounted = mount_pool(two_datadirs)
+    report = status.read(str(mounted.mountpoint))
+    assert report["checksums"] == ["md5", "sha256"]  # the default
+    assert isinstance(report["checksums_pending"], int) and report["checksums_pending"] >= 0
+    assert [(r["checksums"], r["last_verify"]) for r in report["datadirs"]] == [("on", None)] * 2
+
+    for name in ("a", "b", "damaged"):
+        (big.path / name).write_bytes(os.urandom(10_000))
+        path = str(big.path / name)
+        digests = {
+            a: hashlib.new(a, Path(path).read_bytes()).hexdigest() for a in ("md5", "sha256")
+        }
+        checksums.write_record(path, checksums.Record(checksums.Stamp.of(os.stat(path)), digests))
+    (big.path / "plain").write_bytes(b"no checksum")
+    damaged = big.path / "damaged"
+    st = damaged.stat()
+    damaged.write_bytes(b"X" + damaged.read_bytes()[1:])
+    os.utime(damaged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    verify = run_fusestore("verify", "--datadir", str(big.path), str(mounted.mountpoint))
+    assert verify.returncode == 1, verify.stdout
+
+    report = status.read(str(mounted.mountpoint))
+    rows = {row["path"]: row for row in report["datadirs"]}
+    assert rows[str(fast.path)]["last_verify"] is None
+    last = rows[str(big.path)]["last_verify"]
+    assert last.pop("time").startswith(str(datetime.date.today().year))
+    assert last == {
+        "files": 4,
+        "verified": 2,
+        "unverified": 1,
+        "corrupt": 1,
+        "changed": 0,
+        "unreadable": 0,
+    }
+
+    table = run_fusestore("status", str(mounted.mountpoint)).stdout.splitlines()
+    assert table[0].split()[-1] == "VERIFIED"
+    line_of = {line.split()[0]: line for line in table[1:3]}
+    assert line_of[str(fast.path)].endswith("  never")
+    assert re.search(
+        r"  2 ok, 1 unverified, 1 corrupt \(\d{4}-\d\d-\d\d\)$", line_of[str(big.path)]
+    )
+    assert re.fullmatch(r"checksums md5, sha256, \d+ file\(s\) pending", table[-1])
+
+
+def test_status_says_which_datadirs_keep_no_checksums(
+    ramfs: Callable[[str], Path], tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    bare = Datadir(ramfs("bare"), 1)  # keeps no user extended attributes
+    mounted = mount_pool([Datadir(tmpfs("good", 16), 2), bare])
+    rows = status.read(str(mounted.mountpoint))["datadirs"]
+    assert [row["checksums"] for row in rows] == ["on", "no user xattrs"]
+    table = run_fusestore("status", str(mounted.mountpoint)).stdout
+    assert re.search(rf"^{re.escape(str(bare.path))} .*  no user xattrs$", table, re.MULTILINE)
+
+
+def test_status_says_when_checksums_are_off(
+    two_datadirs: list[Datadir], mount_pool: MountFactory
+) -> None:
+    mounted = mount_pool(two_datadirs, "--checksums", "none")
+    report = status.read(str(mounted.mountpoint))
+    assert report["checksums"] == []
+    assert [row["checksums"] for row in report["datadirs"]] == ["off", "off"]
+    assert run_fusestore("status", str(mounted.mountpoint)).stdout.splitlines()[-1] == (
+        "checksums off"
+    )
