@@ -1,6 +1,7 @@
 """The ``fusestore`` command: arguments, logging set-up, exit codes.
 
-Four subcommands — ``mount``, ``status``, ``check``, ``verify`` — plus the form that
+Six subcommands — ``mount``, ``status``, ``check``, ``verify``, ``drain``,
+``balance`` — plus the form that
 mount(8) uses through Debian's ``mount.fuse3`` helper:
 ``fusestore SOURCE MOUNTPOINT -o OPTS``, where SOURCE is a config file or a
 datadir list ``PATH[:PRIORITY][,PATH[:PRIORITY]…]``.
@@ -38,7 +39,7 @@ log = logging.getLogger("fusestore")
 
 EXIT_MOUNT_FAILED = 1
 EXIT_BAD_CONFIG = 2
-SUBCOMMANDS = ("mount", "status", "check", "verify")
+SUBCOMMANDS = ("mount", "status", "check", "verify", "drain", "balance")
 _SYSLOG_SOCKET = "/dev/log"
 _LOG_FORMAT = "%(asctime)s fusestore[%(process)d] %(levelname)s %(message)s"
 
@@ -191,7 +192,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "status",
         help="show each datadir of a mounted pool",
         description="Ask the daemon serving MOUNTPOINT for each datadir's priority, "
-        "state (ok, full, read-only, missing, vanished, no-new-files), size, free "
+        "state (ok, full, read-only, missing, vanished, no-new-files, draining), size, free "
         "space and files, and the pool's totals.",
     )
     status.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -214,6 +215,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "and leftovers of writers that are no longer running; print what was done",
     )
     _add_verify_parser(commands)
+    _add_move_parsers(commands)
     return parser
 
 
@@ -247,6 +249,108 @@ def _add_verify_parser(commands: Any) -> None:
         "files (accepting their new bytes); the pool's algorithms, asked of the daemon "
         "when given its mountpoint, else md5,sha256",
     )
+
+
+_DRAIN_DESCRIPTION = """\
+Move every file off DATADIR, while the pool serves, to where placement puts
+it now: the highest-priority other datadir with room above the reserve, in
+it the one with the most free space. DATADIR takes no new files from the
+start of the drain until the next reload or restart; then take it out of
+the config (or leave it in, to use it again). Refused, naming the
+shortfall, when its files do not fit in the other datadirs.
+"""
+
+_BALANCE_DESCRIPTION = """\
+Move files, while the pool serves, up to higher-priority datadirs that have
+room above the reserve (the newest files first), and even out the free
+space of the datadirs of each priority to within --tolerance. Files never
+move down a priority.
+
+With --fill-limit PERCENT it does something else: the classic fast disk in
+front of big ones. Every datadir that has a lower-priority one below it is
+kept at most PERCENT full by moving its least recently modified files down
+a tier.
+"""
+
+_MOVE_EPILOG = """\
+The daemon serving MOUNTPOINT moves the files while the pool serves: a file
+open for writing, or changed during its copy, is skipped (rerun later), and
+every copy is read back and compared before the original is removed.
+Ctrl-C stops it after the file being copied (which moves, or is left where
+it was); nothing is lost and a rerun continues. Only root or the
+daemon's user may ask; one drain or balance at a time.
+
+output: a line per file moved or skipped and a summary (on a terminal: a
+progress bar, and lines for skipped files). exit status: 0 all moved (or
+--dry-run), 1 files skipped or the daemon went away, 2 refused or bad
+usage, 130 interrupted.
+"""
+
+
+def _add_move_parsers(commands: Any) -> None:
+    drain = commands.add_parser(
+        "drain",
+        help="move every file off a datadir, while the pool serves",
+        description=_DRAIN_DESCRIPTION,
+        epilog=_MOVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    drain.add_argument("mountpoint", metavar="MOUNTPOINT")
+    drain.add_argument("datadir", metavar="DATADIR", help="the datadir of the pool to empty")
+    balance = commands.add_parser(
+        "balance",
+        help="move files up to higher-priority datadirs and even out free space",
+        description=_BALANCE_DESCRIPTION,
+        epilog=_MOVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    balance.add_argument("mountpoint", metavar="MOUNTPOINT")
+    balance.add_argument(
+        "--tolerance",
+        metavar="SIZE",
+        type=_size,
+        help="free space of datadirs of one priority may differ by this much (bytes, or "
+        "with a K/M/G/T suffix; default: 1%% of the largest datadir of that priority, "
+        "at least 1M)",
+    )
+    balance.add_argument(
+        "--fill-limit",
+        metavar="PERCENT",
+        type=_percent,
+        help="instead: keep every datadir that has a lower-priority one below it at most "
+        "PERCENT full (1-100), moving its least recently modified files down a tier",
+    )
+    for parser in (drain, balance):
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="print the plan (each move, then the bytes each datadir would receive) "
+            "and change nothing",
+        )
+        parser.add_argument(
+            "--rate",
+            metavar="MIB/S",
+            type=_positive_number,
+            help="copy at most this many MiB per second (default: as fast as the disks go)",
+        )
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="one JSON document at the end: the plan, files moved and skipped, summary",
+        )
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _percent(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"must be a whole percentage from 1 to 100, not {text!r}")
+    return int(text)
 
 
 def _positive_number(text: str) -> float:
@@ -460,6 +564,26 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if tally.ok else 1
 
 
+def _move(args: argparse.Namespace) -> int:
+    from fusestore.admin import move
+
+    if args.command == "drain":
+        request = move.drain_request(
+            os.path.abspath(args.datadir), dry_run=args.dry_run, rate_mib=args.rate
+        )
+    else:
+        request = move.balance_request(
+            dry_run=args.dry_run,
+            rate_mib=args.rate,
+            tolerance=args.tolerance,
+            fill_limit=args.fill_limit,
+        )
+    try:
+        return move.run(args.mountpoint, request, as_json=args.json)
+    except KeyboardInterrupt:  # a second Ctrl-C, while the first one's words were printed
+        return move.EXIT_INTERRUPTED
+
+
 def _as_subcommand(argv: list[str]) -> list[str]:
     """Turn mount(8)'s ``SOURCE MOUNTPOINT -o OPTS`` into ``mount --source …``."""
     if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
@@ -478,4 +602,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     if args.command == "verify":
         return _verify(args)
+    if args.command in ("drain", "balance"):
+        return _move(args)
     raise AssertionError(f"unhandled command {args.command!r}")

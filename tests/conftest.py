@@ -35,7 +35,7 @@ MountFactory = Callable[..., "MountedPool"]
 MOUNT_WAIT_SECONDS = 15
 # "devfuse": every daemon the tests start gets --no-io-uring (scripts/test's second run).
 TRANSPORT = os.environ.get("FUSESTORE_TEST_TRANSPORT", "default")
-_COMMANDS = ("mount", "status", "check", "verify")
+_COMMANDS = ("mount", "status", "check", "verify", "drain", "balance")
 WATCHDOG_SECONDS = 110  # a little under the pytest-timeout in pyproject.toml
 
 

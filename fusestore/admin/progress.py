@@ -1,4 +1,5 @@
-"""Pacing and showing a long read of the whole pool (``fusestore verify``).
+"""Showing a long pass over the pool (``fusestore verify``, and the
+moves of ``fusestore drain``/``balance`` as the daemon reports them).
 
 tqdm draws the bar: a well-kept, pure-Python library with no dependencies of
 its own that computes rate and ETA, redraws the bar below lines printed
@@ -9,36 +10,20 @@ a terminal (CI, cron, a pipe), where one line per finding is what is wanted.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any, TextIO
 
+from fusestore.pool.pacing import Pacer
 
-class Pacer:
-    """Holds reads to ``rate`` bytes a second on average (no cap: None)."""
-
-    def __init__(self, rate: float | None) -> None:
-        self.rate = rate
-        self.start = time.monotonic()
-        self.done = 0
-
-    def account(self, nbytes: int) -> None:
-        if self.rate is None:
-            return
-        self.done += nbytes
-        ahead = self.done / self.rate - (time.monotonic() - self.start)
-        if ahead > 0:
-            time.sleep(ahead)
-        elif ahead < -1:
-            # Time spent not reading (files without checksums) is no credit
-            # for a burst later: at most a second's worth.
-            self.start -= ahead + 1
+__all__ = ["Pacer", "Progress"]  # Pacer lives with the pool: moves pace too
 
 
 class Progress:
     """A tqdm bar of bytes (with files, rate and ETA) on stderr when it is a
     terminal; findings go to stdout through it so the bar is redrawn below them."""
 
-    def __init__(self, total_bytes: int, total_files: int, show: bool) -> None:
+    def __init__(
+        self, total_bytes: int, total_files: int, show: bool, desc: str = "verify"
+    ) -> None:
         self.total_files = total_files
         self.files = 0
         self.bar: Any = None
@@ -52,7 +37,7 @@ class Progress:
                 unit_divisor=1024,
                 dynamic_ncols=True,
                 file=sys.stderr,
-                desc="verify",
+                desc=desc,
             )
             self._postfix()
 
@@ -63,13 +48,26 @@ class Progress:
         if self.bar is not None:
             self.bar.update(nbytes)
 
-    def file_done(self, listed_size: int, read: int) -> None:
-        """One more file; bytes it was listed with but not read leave the total."""
+    def advance_to(self, nbytes: int) -> None:
+        """Bytes done so far, for a reporter that counts totals (the daemon's moves)."""
+        if self.bar is not None:
+            self.bar.update(max(0, nbytes - self.bar.n))
+
+    def forgo(self, nbytes: int) -> None:
+        """Bytes that will not be done leave the total (never below what is done)."""
+        if self.bar is not None:
+            self.bar.total = max(self.bar.n, self.bar.total - max(0, nbytes))
+
+    def count_file(self) -> None:
         self.files += 1
         if self.bar is not None:
-            self.bar.total = max(self.bar.n, self.bar.total - max(0, listed_size - read))
             self._postfix()
             self.bar.refresh()
+
+    def file_done(self, listed_size: int, read: int) -> None:
+        """One more file; bytes it was listed with but not read leave the total."""
+        self.forgo(listed_size - read)
+        self.count_file()
 
     def write(self, line: str, out: TextIO) -> None:
         if self.bar is None:

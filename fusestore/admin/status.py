@@ -3,7 +3,8 @@
 The daemon answers with its own view — states, priorities and reserve as it
 applies them right now — on a Unix socket whose path is derived from the
 mountpoint (``/run/fusestore/<hash of the mountpoint>.sock``), so the status
-command needs nothing but the mountpoint.
+command needs nothing but the mountpoint. The same socket takes the requests
+of ``fusestore drain`` and ``balance`` (:func:`request`, ``admin/move.py``).
 
 A socket, not a file in the datadirs or an attribute of the mount, because
 what it tells is the daemon's live view: the states and the reserve it
@@ -20,6 +21,7 @@ import json
 import os
 import socket
 import tempfile
+from collections.abc import Generator
 from typing import Any
 
 from fusestore.admin.verifysummary import last_summary
@@ -37,6 +39,8 @@ class NotAPool(Exception):
 def _datadir_state(pool: Pool, datadir: Any) -> str:
     if datadir.retired:
         return "no-new-files"
+    if datadir.draining:
+        return "draining"
     state = datadir.assess()
     if state is State.OK and datadir.free_bytes <= pool.min_free_space:
         return "full"
@@ -142,26 +146,96 @@ def listen(mountpoint: str) -> tuple[socket.socket, str]:
     return server, path
 
 
-def read(mountpoint: str, timeout: float = 30) -> dict[str, Any]:
-    """Ask the daemon serving ``mountpoint`` for its status."""
+def connect(mountpoint: str, timeout: float = 30) -> socket.socket:
+    """A connection to the control socket of the daemon serving ``mountpoint``
+    (the first of :func:`socket_paths` that answers), or NotAPool."""
     if not os.path.ismount(mountpoint):
         raise NotAPool(f"{mountpoint} is not a fusestore mount (not a mountpoint)")
     problem: OSError | None = None
     for path in socket_paths(mountpoint):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-                client.settimeout(timeout)
-                client.connect(path)
-                client.sendall(b"status\n")
-                chunks = []
-                while chunk := client.recv(1 << 16):
-                    chunks.append(chunk)
-            return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
+            client.settimeout(timeout)
+            client.connect(path)
+            return client
         except OSError as exc:
+            client.close()
             problem = problem or exc
-    raise NotAPool(
-        f"{mountpoint} is not a fusestore mount, or its daemon does not answer: {problem}"
-    )
+    raise NotAPool(_no_answer(mountpoint, problem))
+
+
+def _no_answer(mountpoint: str, problem: OSError | None) -> str:
+    return f"{mountpoint} is not a fusestore mount, or its daemon does not answer: {problem}"
+
+
+def read(mountpoint: str, timeout: float = 30) -> dict[str, Any]:
+    """Ask the daemon serving ``mountpoint`` for its status."""
+    with connect(mountpoint, timeout) as client:
+        try:
+            client.sendall(b"status\n")
+            chunks = []
+            while chunk := client.recv(1 << 16):
+                chunks.append(chunk)
+        except OSError as exc:
+            raise NotAPool(_no_answer(mountpoint, exc)) from exc
+    return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
+
+
+def request(
+    mountpoint: str, message: dict[str, Any], timeout: float = 30
+) -> Generator[dict[str, Any], None, None]:
+    """Send ``message`` as one JSON line to the daemon serving ``mountpoint``;
+    its answer, one JSON object per line, as they come, until it hangs up.
+
+    Connects before returning (NotAPool if nothing answers). Then waits
+    without a time limit: a job may be silent for long (planning a large
+    pool). Closing the generator hangs up, which the daemon takes as the
+    command going away. A line cut short by a daemon that died is dropped;
+    a line that is not a JSON object (a daemon older than the request,
+    which answers with its status) is NotAPool.
+    """
+    client = connect(mountpoint, timeout)
+    try:
+        client.sendall(json.dumps(message).encode() + b"\n")
+    except OSError as exc:
+        client.close()
+        raise NotAPool(_no_answer(mountpoint, exc)) from exc
+    client.settimeout(None)
+    return _json_lines(client, mountpoint)
+
+
+def _json_lines(client: socket.socket, mountpoint: str) -> Generator[dict[str, Any], None, None]:
+    with client:
+        buffer = bytearray()
+        while True:
+            try:
+                chunk = client.recv(1 << 16)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return
+            # Only the new bytes are searched: a plan may be one line of megabytes.
+            searched = len(buffer)
+            buffer += chunk
+            while (end := buffer.find(b"\n", searched)) >= 0:
+                line = bytes(buffer[:end])
+                del buffer[: end + 1]
+                searched = 0
+                if line.strip():
+                    yield _decode(line, mountpoint)
+
+
+def _decode(line: bytes, mountpoint: str) -> dict[str, Any]:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict):
+        raise NotAPool(
+            f"the daemon serving {mountpoint} answered {line[:40]!r}, not a JSON line: "
+            "it predates this command (remount the pool to run the installed fusestore)"
+        )
+    return event
 
 
 def encode(pool: Pool, about: dict[str, Any]) -> bytes:
@@ -226,7 +300,21 @@ def render_table(status: dict[str, Any]) -> str:
         lines.append(
             f"checksums {algorithms}, {pending} file(s) pending" if algorithms else "checksums off"
         )
+    if status.get("job"):  # absent or null: no drain or balance running
+        lines.append(job_line(status["job"]))
     return "\n".join(lines)
+
+
+def job_line(job: dict[str, Any]) -> str:
+    """A running job, e.g. "draining /srv/a: 3/10 files, 123B/4.5K, started …"."""
+    command = job.get("command")
+    what = {"drain": f"draining {job.get('datadir')}", "balance": "balancing"}.get(
+        str(command), str(command)
+    )
+    done = f"{job.get('files_done') or 0}/{job.get('files') or 0} files"
+    moved = f"{human(job.get('bytes_done') or 0)}/{human(job.get('bytes') or 0)}"
+    started = f", started {job['started']}" if job.get("started") else ""
+    return f"{what}: {done}, {moved}{started}"
 
 
 def verified_cell(row: dict[str, Any]) -> str:

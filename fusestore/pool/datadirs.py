@@ -42,6 +42,8 @@ class Datadir:
     state: State = State.OK
     free_bytes: int = 0
     retired: bool = False  # dropped from the config on reload: no new files, files stay
+    # Being drained (or drained, until the next reload): no new files.
+    draining: bool = False
     # Whether its filesystem keeps user extended attributes: without them
     # files there get no checksums (and users' attributes are refused).
     xattrs: bool = True

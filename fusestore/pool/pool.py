@@ -23,6 +23,7 @@ filesystems (``space.py``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -46,9 +47,10 @@ from fusestore.pool.datadirs import (
 )
 from fusestore.pool.errors import failure
 from fusestore.pool.listing import DatadirLister
+from fusestore.pool.mover import MoveSkipped, MoveWork, same_contents, unchanged
 from fusestore.pool.openfiles import BACKING_FLAGS, NEW_FILE_FLAGS, Handle, OpenFile
 from fusestore.pool.placement import DatadirSpace, choose_datadir, lookup_order
-from fusestore.pool.private import PRIVATE_DIR
+from fusestore.pool.private import PRIVATE_DIR, sync_directory
 from fusestore.pool.space import PoolSpace
 from fusestore.pool.spillover import NO_ROOM, move_to_another_datadir
 
@@ -123,6 +125,7 @@ class Pool:
         added = open_datadirs(config.datadirs, self.instance, existing=self.datadirs)
         priorities = {spec.path: spec.priority for spec in config.datadirs}
         for datadir in self.datadirs:
+            datadir.draining = False  # a drain's "no new files" lasts until a reload
             retired = datadir.path not in priorities
             if retired and not datadir.retired:
                 log.warning("datadir %s was removed from the config: no new files", datadir.path)
@@ -239,8 +242,12 @@ class Pool:
 
     def stat(self, name: str) -> os.stat_result:
         open_file = self._open_files.get(name)
-        if open_file is not None:
+        if open_file is not None and (open_file.new or open_file.path is None):
             return os.fstat(open_file.any_fd())
+        if open_file is not None:
+            # Its path, not a handle: a file moved while open for reading
+            # (drain, balance) is the target's now; handles hold the source.
+            return os.stat(open_file.path, follow_symlinks=False)
         return self.locate(name).stat
 
     def list_names(
@@ -261,7 +268,7 @@ class Pool:
         """The datadir a new file goes to, or ENOSPC/EROFS with a log of what was tried."""
         healthy = []
         for datadir in self.datadirs:
-            if datadir.retired or datadir.path in exclude:
+            if datadir.retired or datadir.draining or datadir.path in exclude:
                 continue
             if datadir.assess() is State.OK:
                 healthy.append(DatadirSpace(datadir.path, datadir.priority, datadir.free_bytes))
@@ -679,6 +686,102 @@ class Pool:
         open_file = self._open_files.pop(name, None)
         if open_file is not None:
             open_file.detach()
+
+    # ------------------------------------------------------------------ moves
+
+    def datadir(self, path: str) -> Datadir:
+        """The datadir at ``path`` (as configured), or ENOENT."""
+        try:
+            return self._datadir_by_path[path]
+        except KeyError:
+            raise failure(errno.ENOENT, f"{path} is not a datadir of this pool") from None
+
+    def prepare_move(self, name: str, source: Datadir, target: Datadir) -> MoveWork:
+        """Step 1 of a move (``mover.py``), under the request lock: MoveSkipped
+        if the file cannot move now."""
+        open_file = self._open_files.get(name)
+        if open_file is not None and (open_file.new or any(h.writable for h in open_file.handles)):
+            raise MoveSkipped("it is open for writing")
+        others = [
+            copy.datadir.path
+            for copy in self._iter_copies(name)
+            if copy.datadir not in (source, target)
+        ]
+        if others:
+            raise MoveSkipped(f"{', '.join(others)} hold(s) that name too (see 'fusestore check')")
+        if target.assess() is not State.OK or target.retired:
+            raise MoveSkipped(f"{target.path} takes no files ({target.state.value})")
+        try:
+            source_fd = checksums.open_to_read(source.path_of(name))
+        except FileNotFoundError:
+            raise MoveSkipped("it was removed") from None
+        before = os.fstat(source_fd)
+        if not stat.S_ISREG(before.st_mode):
+            os.close(source_fd)
+            raise MoveSkipped("it is not a regular file any more")
+        if target.free_bytes - before.st_size <= self.min_free_space:
+            os.close(source_fd)
+            raise MoveSkipped(f"{target.path} has no room for it above the reserve")
+        start_private_area(target)
+        copy_path = target.private.new_incoming_path()
+        try:
+            copy_fd = os.open(copy_path, NEW_FILE_FLAGS, 0o600)
+        except OSError:
+            os.close(source_fd)
+            raise
+        return MoveWork(name, source, target, source_fd, copy_fd, copy_path, before)
+
+    def finish_move(self, work: MoveWork) -> None:
+        """Step 3 of a move, under the request lock: publish the verified copy
+        in the target and remove the source, or MoveSkipped and change nothing.
+        The copy is gone afterwards either way."""
+        try:
+            self._swap_in_copy(work)
+        finally:
+            self.abandon_move(work)
+
+    def _swap_in_copy(self, work: MoveWork) -> None:
+        name, source_path = work.name, work.source_path
+        try:
+            now = os.stat(source_path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise MoveSkipped("it was removed during its copy") from None
+        if not unchanged(work.before, now):
+            raise MoveSkipped("it changed during its copy")
+        open_file = self._open_files.get(name)
+        if open_file is not None and (open_file.new or any(h.writable for h in open_file.handles)):
+            raise MoveSkipped("it was opened for writing during its copy")
+        final = work.target.path_of(name)
+        try:
+            os.link(work.copy_path, final)  # never replaces
+        except FileExistsError:
+            # A copy left by an interrupted move of this file: the same bytes
+            # are already there, so only the source has to go.
+            if not same_contents(final, work.source_fd, work.before.st_size):
+                raise MoveSkipped(f"{work.target.path} holds another file of that name") from None
+        if self.sync:
+            sync_directory(work.target.path)
+        self.checksummer.cancel(source_path)
+        os.unlink(source_path)
+        if self.sync:
+            sync_directory(work.source.path)
+        if open_file is not None and open_file.path == source_path:
+            # Readers keep their descriptors (same bytes); new opens go to the target.
+            open_file.path, open_file.datadir = final, work.target.path
+        log.info(
+            "moved %r (%d bytes) from %s to %s",
+            name,
+            work.before.st_size,
+            work.source.path,
+            work.target.path,
+        )
+
+    @staticmethod
+    def abandon_move(work: MoveWork) -> None:
+        """Drop a move's private copy and descriptors (nothing else changed)."""
+        work.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(work.copy_path)
 
     # ------------------------------------------------------------------ space
 

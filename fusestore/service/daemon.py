@@ -27,6 +27,8 @@ from fusestore.fuse.handlers import Operations
 from fusestore.fuse.requestloop import RequestLoop, fuse_device_fd
 from fusestore.pool.config import escape_list_item
 from fusestore.pool.pool import Pool
+from fusestore.service import control
+from fusestore.service.jobs import Jobs
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ def serve(
     facts = {"mountpoint": mountpoint, "pid": os.getpid(), **(about or {})}
     # Before mounting: resolving the mountpoint's path afterwards would ask
     # this very daemon, which is not serving requests yet.
+    for directory in {os.path.dirname(path) for path in status.socket_paths(mountpoint)}:
+        control.remove_dead_sockets(directory)
     server, server_path = status.listen(mountpoint)
     options = libfuse_options([*MOUNT_OPTIONS, *fuse_options], fsname)
     try:
@@ -141,6 +145,7 @@ async def _serve_until_done(
     """Serve until unmounted or stopped; False if the mount never answered."""
     notifier = sdnotify.SystemdNotifier()
     answered = True
+    jobs = Jobs()  # drain and balance (fusestore/service/jobs.py)
 
     async def announce() -> None:
         nonlocal answered
@@ -152,38 +157,16 @@ async def _serve_until_done(
         # Started, not just scheduled: a signal must find its receiver in
         # place from the first request.
         await nursery.start(_handle_signals, notifier, loop, reload)
-        await nursery.start(_answer_status, server, pool, facts, loop)
+        await nursery.start(control.serve_control, server, pool, facts, loop, jobs)
         nursery.start_soon(announce)
         # Requests are answered in a thread of their own: they never wait for
         # trio, and trio (signals, status) never waits for them.
         await trio.to_thread.run_sync(loop.run)
         # Also when unmounted from outside, not only on a signal.
         notifier.notify("STOPPING=1")
+        jobs.cancel_all()  # each stops after its file; the pool stops after them
         nursery.cancel_scope.cancel()
     return answered
-
-
-async def _answer_status(
-    server: socket.socket,
-    pool: Pool,
-    facts: dict[str, Any],
-    loop: RequestLoop,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``fusestore status``: one JSON document per connection."""
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(server))
-
-    async def answer(stream: trio.SocketStream) -> None:
-        async with stream:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.receive_some(64)
-                # In a thread: counting the files of a large pool reads every
-                # datadir, and requests must not wait for it. It only reads.
-                now = {**facts, "io_uring_queues": loop.io_uring_queues}
-                report = await trio.to_thread.run_sync(status.encode, pool, now)
-                await stream.send_all(report)
-
-    await trio.serve_listeners(answer, [listener], task_status=task_status)
 
 
 async def _announce_when_usable(

@@ -1,0 +1,150 @@
+"""Moving a file from one datadir to another while the pool serves it.
+
+Used by drain and balance (``fusestore/service/jobs.py``). A move has three
+steps, and only the first and last hold the pool's request lock, for a few
+system calls each, so requests never wait behind a copy:
+
+1. ``Pool.prepare_move`` (locked): the file must not be open for writing or
+   being written, and no third datadir may hold its name; a descriptor of
+   the source and a new file in the target's private area are opened.
+2. :func:`copy` and :func:`verify` (unlocked): the bytes are copied in the
+   kernel (``copy_file_range``), then the extended attributes (the checksum
+   record among them), owner, mode and times, so the record's stamp still
+   matches; the copy is ``fsync``ed, read back and checked against the
+   file's checksums (the fastest digest of its record), or against the
+   source byte for byte when it has none.
+3. ``Pool.finish_move`` (locked): if the source is unchanged (same inode,
+   size, mtime and ctime — an attribute or checksum stored meanwhile counts
+   as a change) and nobody opened it for writing, the copy is linked under
+   its name in the target (``link`` never replaces), the source removed,
+   and open readers' future opens sent to the target; otherwise the copy is
+   dropped and the file stays where it was.
+
+At every instant the name has at least one complete copy, and two copies
+exist only between the ``link`` and the ``unlink`` of step 3, with the same
+bytes. A crash leaves at most the copy in the private area (swept at the
+next mount) or, between those two calls, two identical copies (``fusestore
+check --fix`` keeps the one reads see; a rerun removes the source).
+Readers that have the file open keep their descriptors of the source,
+which stay valid after the ``unlink``: they read the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fusestore.pool import attributes, checksums
+from fusestore.pool.datadirs import Datadir
+
+# copy_file_range per call: small enough to stop promptly and to pace.
+_CHUNK = 8 << 20
+# Digests in the order they are fastest on CPUs with SHA instructions; the
+# copy is checked with the first its record has.
+_FASTEST_FIRST = ("sha256", "sha1", "sha224", "blake2b", "blake2s", "md5", "sha512", "sha384")
+
+
+class MoveSkipped(Exception):
+    """This file is not moved now (the reason is the message); nothing changed."""
+
+
+@dataclass(eq=False)
+class MoveWork:
+    """A move between its steps: what it holds open and what it found."""
+
+    name: str
+    source: Datadir
+    target: Datadir
+    source_fd: int
+    copy_fd: int
+    copy_path: str
+    before: os.stat_result  # the source when the move began
+
+    @property
+    def source_path(self) -> str:
+        return self.source.path_of(self.name)
+
+    def close(self) -> None:
+        for fd in (self.source_fd, self.copy_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def unchanged(before: os.stat_result, now: os.stat_result) -> bool:
+    """Same file, same bytes, same attributes (ctime moves with any change)."""
+    fields = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
+    return all(getattr(before, f) == getattr(now, f) for f in fields)
+
+
+def copy(work: MoveWork, sync: bool, on_bytes: Callable[[int], bool] = lambda _: False) -> None:
+    """Copy the bytes and attributes into the private copy; ``on_bytes(n)`` after
+    each chunk returns True to stop (MoveSkipped)."""
+    size = work.before.st_size
+    offset = 0
+    while offset < size:
+        try:
+            done = os.copy_file_range(
+                work.source_fd, work.copy_fd, min(_CHUNK, size - offset), offset, offset
+            )
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            done = os.sendfile(work.copy_fd, work.source_fd, offset, min(_CHUNK, size - offset))
+        if done == 0:
+            raise MoveSkipped("it shrank during its copy")
+        offset += done
+        if on_bytes(done):
+            raise MoveSkipped("stopped")
+    attributes.copy_all(work.source_fd, work.copy_fd)
+    st = work.before
+    os.fchown(work.copy_fd, st.st_uid, st.st_gid)
+    os.fchmod(work.copy_fd, stat.S_IMODE(st.st_mode))
+    os.utime(work.copy_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if sync:
+        os.fsync(work.copy_fd)
+
+
+def verify(work: MoveWork) -> None:
+    """Raise MoveSkipped unless the copy holds the file's bytes.
+
+    Against the checksum record when the source has a current one (so a
+    source that rotted is not moved as if whole), else against the source.
+    """
+    record = checksums.current_record(work.source_fd, work.before)
+    size = work.before.st_size
+    if record is not None:
+        algorithm = next((a for a in _FASTEST_FIRST if a in record.digests), None)
+        algorithm = algorithm or next(iter(record.digests))
+        digests = checksums.compute(work.copy_fd, [algorithm], size)
+        if digests is None or digests[algorithm] != record.digests[algorithm].lower():
+            raise MoveSkipped(f"its copy does not match its {algorithm} checksum")
+        return
+    if not _same_bytes(work.source_fd, work.copy_fd, size):
+        raise MoveSkipped("its copy differs from it")
+
+
+def _same_bytes(one: int, other: int, size: int) -> bool:
+    offset = 0
+    while offset < size:
+        length = min(checksums.CHUNK, size - offset)
+        if os.pread(one, length, offset) != os.pread(other, length, offset):
+            return False
+        offset += length
+    return True
+
+
+def same_contents(path: str, fd: int, size: int) -> bool:
+    """Whether the file at ``path`` holds the ``size`` bytes of ``fd`` (a
+    target that already has the name: a copy left by an interrupted move)."""
+    try:
+        other = checksums.open_to_read(path)
+    except OSError:
+        return False
+    try:
+        return os.fstat(other).st_size == size and _same_bytes(fd, other, size)
+    finally:
+        os.close(other)
