@@ -122,6 +122,14 @@ def _add_mount_parser(commands: Any) -> None:
         "verify' checks them",
     )
     source.add_argument(
+        "--thin-provisioning",
+        action="store_const",
+        const=True,
+        help="write blocks of zeros in new files as holes, as Glance's "
+        "filesystem_thin_provisioning does: a raw image takes only the space of its data "
+        "(default: off, zeros are written)",
+    )
+    source.add_argument(
         "--busy-poll",
         metavar="MICROSECONDS",
         type=_whole_number,
@@ -414,7 +422,7 @@ def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any
         value = getattr(args, key)
         if value is not None:
             overrides[key] = os.path.abspath(value) if value else value  # "" stays an error
-    for key in ("no_sync", "busy_poll", "no_io_uring", "debug"):
+    for key in ("no_sync", "thin_provisioning", "busy_poll", "no_io_uring", "debug"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.datadirs:

@@ -367,21 +367,27 @@ class Ext4Disk:
         subprocess.run(["umount", "-l", str(self.path)], check=True)
 
 
+# How each kind of loop-mounted disk is made (btrfs: for reflinks).
+_MKFS = {"ext4": ["mkfs.ext4", "-q", "-F", "-m", "0"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
+
+
 @pytest.fixture
-def ext4(tmp_path: Path) -> Iterator[Callable[[str, int], Ext4Disk]]:
-    """``ext4(name, size_mib)`` makes and mounts an ext4 image; unmounted at teardown."""
+def ext4(tmp_path: Path) -> Iterator[Callable[..., Ext4Disk]]:
+    """``ext4(name, size_mib, fstype="ext4")`` makes and mounts a disk image
+    (ext4, or ``"btrfs"``); unmounted at teardown."""
     disks: list[Ext4Disk] = []
 
-    def make(name: str, size_mib: int) -> Ext4Disk:
-        image = tmp_path / f"{name}.ext4"
+    def make(name: str, size_mib: int, fstype: str = "ext4") -> Ext4Disk:
+        image = tmp_path / f"{name}.{fstype}"
         with image.open("wb") as f:
             f.truncate(size_mib * MiB)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+        subprocess.run([*_MKFS[fstype], str(image)], check=True, capture_output=True)
         path = tmp_path / name
         path.mkdir()
         disk = Ext4Disk(image, path)
         disk.mount()
-        (path / "lost+found").rmdir()  # a fresh datadir, as an admin would prepare it
+        if fstype == "ext4":
+            (path / "lost+found").rmdir()  # a fresh datadir, as an admin would prepare it
         disks.append(disk)
         return disk
 

@@ -107,6 +107,7 @@ def collect(pool: Pool, **about: Any) -> dict[str, Any]:
         **about,
         "min_free_space": pool.min_free_space,
         "sync": pool.sync,
+        "thin_provisioning": pool.thin,
         "checksums": list(getattr(pool, "algorithms", ())),
         "checksums_pending": _checksums_pending(pool),
         "datadirs": rows,

@@ -191,6 +191,9 @@ class Operations:
             p.LISTXATTR: self.listxattr,
             p.SETXATTR: self.setxattr,
             p.REMOVEXATTR: self.removexattr,
+            p.LSEEK: self.lseek,
+            p.FALLOCATE: self.fallocate,
+            p.COPY_FILE_RANGE: self.copy_file_range,
         }
 
     # ---------------------------------------------------------------- helpers
@@ -451,6 +454,21 @@ class Operations:
             os.writev(self.device, [header, payload])
         except OSError as exc:
             log.warning("cannot tell the kernel that inode %d changed: %s", inode, exc)
+
+    def lseek(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, offset, whence, _ = p.LSEEK_IN.unpack_from(body)
+        return p.LSEEK_OUT.pack(self.pool.seek(self._handles[fh], offset, whence))
+
+    def fallocate(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, offset, length, mode, _ = p.FALLOCATE_IN.unpack_from(body)
+        self.pool.allocate(self._handles[fh], offset, length, mode)
+        return b""
+
+    def copy_file_range(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh_in, offset_in, _, fh_out, offset_out, length, _ = p.COPY_FILE_RANGE_IN.unpack_from(body)
+        source, target = self._handles[fh_in], self._handles[fh_out]
+        copied = self.pool.copy_range(source, offset_in, target, offset_out, length)
+        return p.WRITE_OUT.pack(copied, 0)
 
     def flush(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         (fh, *_) = p.FLUSH_IN.unpack_from(body)

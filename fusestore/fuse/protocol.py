@@ -43,7 +43,10 @@ CREATE = 35
 INTERRUPT = 36
 DESTROY = 38
 BATCH_FORGET = 42
+FALLOCATE = 43
 RENAME2 = 45
+LSEEK = 46
+COPY_FILE_RANGE = 47
 
 OPCODE_NAMES = {
     value: name.lower()
@@ -119,6 +122,11 @@ GETXATTR_IN = struct.Struct("=II")  # size padding; also fuse_listxattr's
 GETXATTR_OUT = struct.Struct("=II")  # size padding: the room a value needs
 # fuse_setxattr_in as sent without FUSE_SETXATTR_EXT (not negotiated): size flags
 SETXATTR_IN = struct.Struct("=II")
+LSEEK_IN = struct.Struct("=QQII")  # fh offset whence padding
+LSEEK_OUT = struct.Struct("=Q")
+FALLOCATE_IN = struct.Struct("=QQQII")  # fh offset length mode padding
+# fh_in off_in nodeid_out fh_out off_out len flags; answered with fuse_write_out
+COPY_FILE_RANGE_IN = struct.Struct("=QQQQQQQ")
 RENAME_IN = struct.Struct("=Q")
 RENAME2_IN = struct.Struct("=QII")
 KSTATFS = struct.Struct("=QQQQQIIII24x")

@@ -60,7 +60,9 @@ _QUEUE_DEPTH = 4
 _NOT_FOR_QUEUES = frozenset({p.FORGET, p.BATCH_FORGET, p.INTERRUPT})
 # Expected errors that need no log line of their own.
 # (ENODATA: an extended attribute a file does not have; ls -l asks for some.)
-_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.ENODATA})
+_QUIET_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.ENODATA, errno.ENXIO}
+)
 
 
 def fuse_device_fd() -> int | None:

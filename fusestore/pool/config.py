@@ -46,6 +46,7 @@ class PoolConfig:
     min_free_space: int = 0
     sync: bool = True  # fsync a new file and its directory entry before publishing it
     checksums: tuple[str, ...] = DEFAULT_CHECKSUMS  # computed for every new file; () for none
+    thin_provisioning: bool = False  # blocks of zeros written to new files become holes
 
 
 def parse_datadir_spec(spec: str, base: str | None = None) -> DatadirSpec:
@@ -159,6 +160,7 @@ def build_pool_config(
     min_free_space: str | int = 0,
     sync: bool = True,
     checksums: str | Iterable[str] = DEFAULT_CHECKSUMS,
+    thin_provisioning: bool = False,
 ) -> PoolConfig:
     """Combine the single-datadir and list forms into one validated config."""
     if datadir is not None and datadirs:
@@ -185,4 +187,5 @@ def build_pool_config(
         min_free_space=min_free_space,
         sync=sync,
         checksums=parse_checksums(checksums),
+        thin_provisioning=thin_provisioning,
     )

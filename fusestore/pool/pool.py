@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import TypeVar
 
-from fusestore.pool import attributes, checksums, publish, snapshot, space
+from fusestore.pool import attributes, checksums, publish, snapshot, space, sparse
 from fusestore.pool.checksummer import Checksummer
 from fusestore.pool.config import PoolConfig
 from fusestore.pool.datadirs import (
@@ -52,7 +52,7 @@ from fusestore.pool.openfiles import BACKING_FLAGS, NEW_FILE_FLAGS, Handle, Open
 from fusestore.pool.placement import DatadirSpace, choose_datadir, lookup_order
 from fusestore.pool.private import PRIVATE_DIR, sync_directory
 from fusestore.pool.space import PoolSpace
-from fusestore.pool.spillover import NO_ROOM, move_to_another_datadir
+from fusestore.pool.spillover import NO_ROOM, move_open_file, move_to_another_datadir
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ T = TypeVar("T")
 _CALLER_ONLY_FLAGS = (
     os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY | os.O_DIRECT | os.O_ACCMODE
 )
+
+
+# Errors of a change that was refused, not half done: a new file stays whole.
+_NOT_DONE = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class Pool:
         self.min_free_space = config.min_free_space
         self.sync = config.sync
         self.algorithms = config.checksums
+        self.thin = config.thin_provisioning
         self.checksummer = Checksummer()
         self._open_files: dict[str, OpenFile] = {}
         self._lister = DatadirLister()
@@ -143,6 +148,7 @@ class Pool:
         self.min_free_space = config.min_free_space
         self.sync = config.sync
         self.algorithms = config.checksums
+        self.thin = config.thin_provisioning
         self.name_max = space.name_limit([datadir.path for datadir in self.datadirs])
         mark_and_sweep(self.datadirs)
 
@@ -391,7 +397,7 @@ class Pool:
         open_file = handle.open_file
 
         def work() -> int:
-            written = handle.write(offset, data)
+            written = self._put(handle, offset, data)
             open_file.dirty = True
             return written
 
@@ -399,28 +405,119 @@ class Pool:
 
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
         """Write all of ``data``, moving the file to another datadir if its own is full."""
-        open_file = handle.open_file
         if handle.published_early:
-            if open_file.path is not None and not open_file.new:
-                self._will_change(open_file.path, handle.fd)
-            publish.take_back(handle, self._datadir_by_path[open_file.datadir])
+            self._take_back(handle)
+        return self._until_it_fits(
+            handle, offset + len(data), lambda: self._put(handle, offset, data)
+        )
+
+    def _put(self, handle: Handle, offset: int, data: bytes | memoryview) -> int:
+        """The bytes into the backing file: zero blocks of a new file as holes
+        with thin provisioning (``sparse.py``)."""
+        if self.thin and handle.open_file.new:
+            return sparse.write_thin(handle.fd, offset, memoryview(data))
+        return handle.write(offset, data)
+
+    def _until_it_fits(self, handle: Handle, end: int, change: Callable[[], T]) -> T:
+        """Make a change that needs space, moving the file to another datadir
+        whenever its own is full (*Spill-over*); ``end``: the size it needs."""
+        open_file = handle.open_file
         tried: set[str] = set()
         while True:
             try:
-                written = handle.write(offset, data)
+                result = change()
                 open_file.dirty = True
-                return written
+                return result
             except OSError as exc:
                 if exc.errno not in NO_ROOM:
-                    open_file.note_write_error(exc)
+                    if exc.errno not in _NOT_DONE:
+                        open_file.note_write_error(exc)
                     raise
             tried.add(open_file.datadir)
-            needed = max(os.fstat(handle.fd).st_size, offset + len(data))
+            needed = max(os.fstat(handle.fd).st_size, end)
             try:
                 move_to_another_datadir(open_file, needed, tried, self.choose_datadir_for)
             except OSError as exc:
                 open_file.note_write_error(exc)
                 raise
+
+    # ---------------------------------------------------------- sparse files
+
+    def seek(self, handle: Handle, offset: int, whence: int) -> int:
+        """lseek(SEEK_DATA/SEEK_HOLE) of the backing file (ENXIO past the data)."""
+        return os.lseek(handle.fd, offset, whence)
+
+    def allocate(self, handle: Handle, offset: int, length: int, mode: int) -> None:
+        """fallocate on the backing file. A new, still empty file is first
+        placed by the size this announces; one whose datadir cannot hold the
+        space moves, as a write would."""
+        if handle.published_early:
+            self._take_back(handle)
+        if not sparse.allocates(mode):
+            sparse.fallocate(handle.fd, mode, offset, length)
+            return
+        self._place_by_size(handle.open_file, offset + length)
+        self._until_it_fits(
+            handle, offset + length, lambda: sparse.fallocate(handle.fd, mode, offset, length)
+        )
+
+    def copy_range(
+        self, source: Handle, source_offset: int, target: Handle, target_offset: int, length: int
+    ) -> int:
+        """copy_file_range between two pool files, in the kernel (a reflink
+        where the datadir can); the bytes copied."""
+        if target.published_early:
+            self._take_back(target)
+        if target_offset == 0:
+            self._place_by_size(target.open_file, length)
+
+        def copy() -> int:
+            try:
+                return os.copy_file_range(
+                    source.fd, target.fd, length, source_offset, target_offset
+                )
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            # Between two filesystems: sendfile, still in the kernel.
+            os.lseek(target.fd, target_offset, os.SEEK_SET)
+            return os.sendfile(target.fd, source.fd, source_offset, length)
+
+        return self._until_it_fits(target, target_offset + length, copy)
+
+    def _place_by_size(self, open_file: OpenFile, size: int) -> None:
+        """A new file nothing was written to yet announced its size (fallocate,
+        ftruncate up, a copy into it): move it, cheaply, to the datadir
+        placement picks for that size, so that no spill-over is needed later."""
+        if not open_file.new or open_file.name is None or size <= 0:
+            return
+        st = os.fstat(open_file.any_fd())
+        if st.st_size or st.st_blocks:
+            return
+        try:
+            best = self.choose_datadir_for(open_file.name, needed_bytes=size)
+        except OSError:
+            return  # no datadir can: the call itself will say ENOSPC
+        if best.path == open_file.datadir:
+            return
+        try:
+            move_open_file(open_file, best, log_move=False)
+        except OSError as exc:  # a hint: the call goes on where the file is
+            log.warning("cannot place %r by its size in %s: %s", open_file.name, best.path, exc)
+            return
+        log.info(
+            "placed new file %r in %s by its announced size (%d bytes)",
+            open_file.name,
+            best.path,
+            size,
+        )
+
+    def _take_back(self, handle: Handle) -> None:
+        """A file published at an early close() is changed again (``publish.take_back``)."""
+        open_file = handle.open_file
+        if open_file.path is not None and not open_file.new:
+            self._will_change(open_file.path, handle.fd)
+        publish.take_back(handle, self._datadir_by_path[open_file.datadir])
 
     def flush(self, handle: Handle) -> None:
         """On close(): publish a new file if this is its only handle (or drop it if unlinked).
@@ -550,6 +647,9 @@ class Pool:
         A truncation drops the file's checksums and has them computed again
         once no handle writes to it; a change of times alone keeps them.
         """
+        open_file = handle.open_file if handle is not None else self._open_files.get(name)
+        if size is not None and open_file is not None:
+            self._place_by_size(open_file, size)
         target, datadir, open_file = self._target(name, handle)
         path = target if isinstance(target, str) else None
         published = path is not None and (open_file is None or not open_file.new)
@@ -734,13 +834,11 @@ class Pool:
     def finish_move(self, work: MoveWork) -> None:
         """Step 3 of a move, under the request lock: publish the verified copy
         in the target and remove the source, or MoveSkipped and change nothing.
-        The copy is gone afterwards either way."""
-        try:
-            self._swap_in_copy(work)
-        finally:
-            self.abandon_move(work)
 
-    def _swap_in_copy(self, work: MoveWork) -> None:
+        The caller then calls :meth:`abandon_move`, *outside* the lock:
+        closing the last descriptor of the removed source frees its pages,
+        which takes tens of milliseconds per GiB.
+        """
         name, source_path = work.name, work.source_path
         try:
             now = os.stat(source_path, follow_symlinks=False)
@@ -781,7 +879,7 @@ class Pool:
         """Drop a move's private copy and descriptors (nothing else changed)."""
         work.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(work.copy_path)
+            os.unlink(work.copy_path)  # its hidden name; published, it has its own
 
     # ------------------------------------------------------------------ space
 

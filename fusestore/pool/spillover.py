@@ -75,7 +75,7 @@ def _carry_attributes(source_fd: int, target_fd: int, name: str | None, target: 
         )
 
 
-def move_open_file(open_file: OpenFile, target: Datadir) -> None:
+def move_open_file(open_file: OpenFile, target: Datadir, log_move: bool = True) -> None:
     """Copy the bytes to ``target`` and swap every handle's descriptor in place.
 
     A new file stays hidden in the target's private area; a published one
@@ -117,6 +117,8 @@ def move_open_file(open_file: OpenFile, target: Datadir) -> None:
     if source_path is not None:
         os.unlink(source_path)
     open_file.datadir = target.path
+    if not log_move:
+        return
     log.warning(
         "moved %r (%d bytes) from full datadir %s to %s",
         open_file.name or "(unlinked file)",

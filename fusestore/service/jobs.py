@@ -241,15 +241,14 @@ class Job:
             return exc.strerror or str(exc)
         try:
             mover.copy(work, pool.sync, self._copied)
-            mover.verify(work)
             with self.lock.exclusive():
                 pool.finish_move(work)
         except MoveSkipped as exc:
-            pool.abandon_move(work)
             return str(exc)
         except OSError as exc:
-            pool.abandon_move(work)
             return f"{exc.strerror or exc} ({exc.filename or 'copy'})"
+        finally:
+            pool.abandon_move(work)  # unlocked: freeing a large source takes time
         return None
 
     def _copied(self, nbytes: int) -> bool:

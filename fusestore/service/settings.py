@@ -41,6 +41,7 @@ SETTINGS: Mapping[str, str] = {
     "min_free_space": _SIZE,
     "no_sync": _BOOL,
     "checksums": _ALGORITHMS,
+    "thin_provisioning": _BOOL,
     "busy_poll": _COUNT,
     "no_io_uring": _BOOL,
     "metadata_file": _STRING,
@@ -77,6 +78,7 @@ class Settings:
     min_free_space: int = 0
     no_sync: bool = False
     checksums: tuple[str, ...] = DEFAULT_CHECKSUMS
+    thin_provisioning: bool = False
     busy_poll: int = DEFAULT_BUSY_POLL_US
     no_io_uring: bool = False
     metadata_file: str | None = None
@@ -91,6 +93,7 @@ class Settings:
             self.min_free_space,
             sync=not self.no_sync,
             checksums=self.checksums,
+            thin_provisioning=self.thin_provisioning,
         )
 
     def metadata(self) -> Any:

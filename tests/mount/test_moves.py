@@ -389,3 +389,22 @@ def test_a_file_changed_or_removed_during_its_copy_is_not_moved(
         assert three.path("image00").read_bytes().endswith(b"more")
     else:
         assert os.getxattr(three.path("image00"), "user.note") == b"late"
+
+
+def test_a_file_that_rotted_before_its_move_is_still_reported_by_verify(
+    three: MountedPool,
+) -> None:
+    """A move checks its copy against the source; the checksum record moves
+    with the file unchanged, so rot from before the move is not hidden."""
+    a = three.datadirs[0].path
+    contents = fill(three, 1, 2 * MiB)
+    st = os.stat(a / "image00")
+    with open(a / "image00", "r+b") as f:
+        f.seek(MiB)
+        f.write(bytes([contents["image00"][MiB] ^ 1]))
+    os.utime(a / "image00", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert drain(three, a).returncode == 0
+    [holder] = three.holders("image00")
+    result = run_fusestore("verify", str(three.mountpoint))
+    assert result.returncode == 1
+    assert f"corrupt: 'image00' in {holder}: md5 expected " in result.stdout

@@ -131,6 +131,7 @@ COVERED_SETTINGS = {
     "min_free_space",
     "no_sync",
     "checksums",
+    "thin_provisioning",
     "busy_poll",
     "no_io_uring",
     "metadata_file",
@@ -153,7 +154,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
         return [
             *(arg for value in pool for arg in (flag, value)),
             *("--min-free-space", "1M", "--no-sync", "--busy-poll", "7", "--no-io-uring"),
-            *("--checksums", "sha1"),
+            *("--checksums", "sha1", "--thin-provisioning"),
             *("--metadata-file", paths["metadata_file"], "--log-file", paths["log_file"]),
             *("--debug", "-o", "allow_other"),
         ]
@@ -162,6 +163,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
             *(f"{pool_key}={value}" for value in pool),
             *("min_free_space=1M", "no_sync=true", "busy_poll=7", "no_io_uring=true"),
             "checksums=sha1",
+            "thin_provisioning",
             f"metadata_file={paths['metadata_file']}",
             f"log_file={paths['log_file']}",
             *("debug=true", "allow_other"),
@@ -173,6 +175,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
         min_free_space="1M",
         no_sync=True,
         checksums=["sha1"],
+        thin_provisioning=True,
         busy_poll=7,
         no_io_uring=True,
         metadata_file=paths["metadata_file"],
@@ -210,6 +213,7 @@ def test_every_setting_works_in_every_form(
         assert [(row["path"], row["priority"]) for row in report["datadirs"]] == expected_rows
         assert report["min_free_space"] == 1 * MiB
         assert report["sync"] is False  # no_sync
+        assert report["thin_provisioning"] is True
         assert report["io_uring_queues"] == 0  # no_io_uring
         assert report["metadata"] == METADATA
         assert "allow_other" in mount_options(mountpoint)  # options
