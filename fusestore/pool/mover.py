@@ -45,6 +45,11 @@ from fusestore.pool.datadirs import Datadir
 
 # copy_file_range per call: small enough to stop promptly and to pace.
 _CHUNK = 8 << 20
+# With fsync on, the copy is written out every this many bytes: a journalled
+# filesystem (ext4) makes any other fsync wait until all dirty data of its
+# transaction is out, so a publication's fsync (under the request lock)
+# would otherwise wait for the whole unsynced copy.
+_SYNC_EVERY = 32 << 20
 
 
 class MoveSkipped(Exception):
@@ -105,6 +110,8 @@ def copy(work: MoveWork, sync: bool, on_bytes: Callable[[int], bool] = lambda _:
                 raise MoveSkipped("it shrank during its copy")
             checker.check(offset, done)
             offset += done
+            if sync and offset % _SYNC_EVERY < done:
+                os.fdatasync(work.copy_fd)
             if on_bytes(done):
                 raise MoveSkipped("stopped")
         attributes.copy_all(work.source_fd, work.copy_fd)

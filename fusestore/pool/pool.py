@@ -468,6 +468,8 @@ class Pool:
         where the datadir can); the bytes copied."""
         if target.published_early:
             self._take_back(target)
+        # cp asks for "everything" (a length near 2**63): the source says how much.
+        length = max(0, min(length, os.fstat(source.fd).st_size - source_offset))
         if target_offset == 0:
             self._place_by_size(target.open_file, length)
 

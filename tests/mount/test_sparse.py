@@ -193,3 +193,18 @@ def test_thin_provisioning_writes_zeros_as_holes_and_the_bytes_read_back(
     plain = mount_pool([Datadir(tmpfs("plain", 128))])
     run("dd", "if=/dev/zero", f"of={plain.path('zeros')}", "bs=1M", "count=16", "status=none")
     assert allocated(plain.datadirs[0].path / "zeros") == 16 * MiB  # off by default
+
+
+def test_cp_into_a_new_name_places_the_copy_by_its_size(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    small, large = Datadir(tmpfs("small", 64), 2), Datadir(tmpfs("large", 256), 1)
+    mounted = mount_pool([small, large])
+    data = os.urandom(40 * MiB)
+    mounted.path("source").write_bytes(data)
+    assert mounted.holders("source") == [small.path]
+    run("cp", str(mounted.path("source")), str(mounted.path("copy")))
+    # small has 24 MiB left: the copy's size sent it to large before a byte moved.
+    assert mounted.holders("copy") == [large.path]
+    assert "from full datadir" not in mounted.log()
+    assert mounted.path("copy").read_bytes() == data
