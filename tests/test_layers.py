@@ -66,6 +66,17 @@ def test_placement_is_pure() -> None:
     assert [name for name in imported if name.split(".")[0] in io] == []
 
 
+def test_the_move_planner_is_pure() -> None:
+    """drain/balance plans (``rebalance.py``) are decided without touching a disk."""
+    imported = imports_of(PACKAGE / "pool" / "rebalance.py")
+    io = ("os", "io", "socket", "subprocess", "pathlib", "shutil")
+    assert [name for name in imported if name.split(".")[0] in io] == []
+    project = {name for name in imported if name.startswith("fusestore")}
+    assert project <= {"fusestore.pool.placement"} | {
+        f"fusestore.pool.placement.{n}" for n in ("DatadirSpace", "choose_datadir")
+    }
+
+
 def test_the_check_sees_a_crossing(tmp_path: Path) -> None:
     """The reading of imports itself: a pool module importing the FUSE side is caught."""
     bad = tmp_path / "probe.py"

@@ -4,7 +4,7 @@ Used by drain and balance (``fusestore/service/jobs.py``). A move has three
 steps, and only the first and last hold the pool's request lock, for a few
 system calls each, so requests never wait behind a copy:
 
-1. ``Pool.prepare_move`` (locked): the file must not be open for writing or
+1. :func:`prepare` (locked): the file must not be open for writing or
    being written, and no third datadir may hold its name; a descriptor of
    the source and a new file in the target's private area are opened.
 2. :func:`copy` (unlocked): the bytes are copied in the kernel
@@ -13,7 +13,7 @@ system calls each, so requests never wait behind a copy:
    then the extended attributes (the checksum record among them), owner,
    mode and times, so the record's stamp still matches; the copy is
    ``fsync``ed.
-3. ``Pool.finish_move`` (locked): if the source is unchanged (same inode,
+3. :func:`finish` (locked): if the source is unchanged (same inode,
    size, mtime and ctime — an attribute or checksum stored meanwhile counts
    as a change) and nobody opened it for writing, the copy is linked under
    its name in the target (``link`` never replaces), the source removed,
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 from collections import deque
@@ -41,7 +42,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fusestore.pool import attributes, checksums
-from fusestore.pool.datadirs import Datadir
+from fusestore.pool.datadirs import Datadir, State, start_private_area
+from fusestore.pool.openfiles import NEW_FILE_FLAGS, OpenFile
+from fusestore.pool.pool import Pool
+from fusestore.pool.private import sync_directory
+
+log = logging.getLogger(__name__)
 
 # copy_file_range per call: small enough to stop promptly and to pace.
 _CHUNK = 8 << 20
@@ -194,3 +200,88 @@ def same_contents(path: str, fd: int, size: int) -> bool:
         return os.fstat(other).st_size == size and _same_bytes(fd, other, size)
     finally:
         os.close(other)
+
+
+def _being_written(open_file: OpenFile | None) -> bool:
+    return open_file is not None and (open_file.new or any(h.writable for h in open_file.handles))
+
+
+def prepare(pool: Pool, name: str, source: Datadir, target: Datadir) -> MoveWork:
+    """Step 1, under the request lock: MoveSkipped if the file cannot move now."""
+    if _being_written(pool.open_file(name)):
+        raise MoveSkipped("it is open for writing")
+    others = [c.datadir.path for c in pool.copies(name) if c.datadir not in (source, target)]
+    if others:
+        raise MoveSkipped(f"{', '.join(others)} hold(s) that name too (see 'fusestore check')")
+    if target.assess() is not State.OK or target.retired:
+        raise MoveSkipped(f"{target.path} takes no files ({target.state.value})")
+    try:
+        source_fd = checksums.open_to_read(source.path_of(name))
+    except FileNotFoundError:
+        raise MoveSkipped("it was removed") from None
+    before = os.fstat(source_fd)
+    if not stat.S_ISREG(before.st_mode):
+        os.close(source_fd)
+        raise MoveSkipped("it is not a regular file any more")
+    if target.free_bytes - before.st_size <= pool.min_free_space:
+        os.close(source_fd)
+        raise MoveSkipped(f"{target.path} has no room for it above the reserve")
+    start_private_area(target)
+    copy_path = target.private.new_incoming_path()
+    try:
+        copy_fd = os.open(copy_path, NEW_FILE_FLAGS, 0o600)
+    except OSError:
+        os.close(source_fd)
+        raise
+    return MoveWork(name, source, target, source_fd, copy_fd, copy_path, before)
+
+
+def finish(pool: Pool, work: MoveWork) -> None:
+    """Step 3, under the request lock: publish the checked copy in the target
+    and remove the source, or MoveSkipped and change nothing.
+
+    The caller then calls :func:`abandon`, *outside* the lock: closing the
+    last descriptor of the removed source frees its pages, which takes tens
+    of milliseconds per GiB.
+    """
+    name, source_path = work.name, work.source_path
+    try:
+        now = os.stat(source_path, follow_symlinks=False)
+    except FileNotFoundError:
+        raise MoveSkipped("it was removed during its copy") from None
+    if not unchanged(work.before, now):
+        raise MoveSkipped("it changed during its copy")
+    open_file = pool.open_file(name)
+    if _being_written(open_file):
+        raise MoveSkipped("it was opened for writing during its copy")
+    final = work.target.path_of(name)
+    try:
+        os.link(work.copy_path, final)  # never replaces
+    except FileExistsError:
+        # A copy left by an interrupted move of this file: the same bytes
+        # are already there, so only the source has to go.
+        if not same_contents(final, work.source_fd, work.before.st_size):
+            raise MoveSkipped(f"{work.target.path} holds another file of that name") from None
+    if pool.sync:
+        sync_directory(work.target.path)
+    pool.checksummer.cancel(source_path)
+    os.unlink(source_path)
+    if pool.sync:
+        sync_directory(work.source.path)
+    if open_file is not None and open_file.path == source_path:
+        # Readers keep their descriptors (same bytes); new opens go to the target.
+        open_file.path, open_file.datadir = final, work.target.path
+    log.info(
+        "moved %r (%d bytes) from %s to %s",
+        name,
+        work.before.st_size,
+        work.source.path,
+        work.target.path,
+    )
+
+
+def abandon(work: MoveWork) -> None:
+    """Drop a move's private copy and descriptors (nothing else changed)."""
+    work.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(work.copy_path)  # its hidden name; published, it has its own

@@ -23,7 +23,6 @@ filesystems (``space.py``).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -47,10 +46,9 @@ from fusestore.pool.datadirs import (
 )
 from fusestore.pool.errors import failure
 from fusestore.pool.listing import DatadirLister
-from fusestore.pool.mover import MoveSkipped, MoveWork, same_contents, unchanged
 from fusestore.pool.openfiles import BACKING_FLAGS, NEW_FILE_FLAGS, Handle, OpenFile
 from fusestore.pool.placement import DatadirSpace, choose_datadir, lookup_order
-from fusestore.pool.private import PRIVATE_DIR, sync_directory
+from fusestore.pool.private import PRIVATE_DIR
 from fusestore.pool.space import PoolSpace
 from fusestore.pool.spillover import NO_ROOM, move_open_file, move_to_another_datadir
 
@@ -798,90 +796,9 @@ class Pool:
         except KeyError:
             raise failure(errno.ENOENT, f"{path} is not a datadir of this pool") from None
 
-    def prepare_move(self, name: str, source: Datadir, target: Datadir) -> MoveWork:
-        """Step 1 of a move (``mover.py``), under the request lock: MoveSkipped
-        if the file cannot move now."""
-        open_file = self._open_files.get(name)
-        if open_file is not None and (open_file.new or any(h.writable for h in open_file.handles)):
-            raise MoveSkipped("it is open for writing")
-        others = [
-            copy.datadir.path
-            for copy in self._iter_copies(name)
-            if copy.datadir not in (source, target)
-        ]
-        if others:
-            raise MoveSkipped(f"{', '.join(others)} hold(s) that name too (see 'fusestore check')")
-        if target.assess() is not State.OK or target.retired:
-            raise MoveSkipped(f"{target.path} takes no files ({target.state.value})")
-        try:
-            source_fd = checksums.open_to_read(source.path_of(name))
-        except FileNotFoundError:
-            raise MoveSkipped("it was removed") from None
-        before = os.fstat(source_fd)
-        if not stat.S_ISREG(before.st_mode):
-            os.close(source_fd)
-            raise MoveSkipped("it is not a regular file any more")
-        if target.free_bytes - before.st_size <= self.min_free_space:
-            os.close(source_fd)
-            raise MoveSkipped(f"{target.path} has no room for it above the reserve")
-        start_private_area(target)
-        copy_path = target.private.new_incoming_path()
-        try:
-            copy_fd = os.open(copy_path, NEW_FILE_FLAGS, 0o600)
-        except OSError:
-            os.close(source_fd)
-            raise
-        return MoveWork(name, source, target, source_fd, copy_fd, copy_path, before)
-
-    def finish_move(self, work: MoveWork) -> None:
-        """Step 3 of a move, under the request lock: publish the verified copy
-        in the target and remove the source, or MoveSkipped and change nothing.
-
-        The caller then calls :meth:`abandon_move`, *outside* the lock:
-        closing the last descriptor of the removed source frees its pages,
-        which takes tens of milliseconds per GiB.
-        """
-        name, source_path = work.name, work.source_path
-        try:
-            now = os.stat(source_path, follow_symlinks=False)
-        except FileNotFoundError:
-            raise MoveSkipped("it was removed during its copy") from None
-        if not unchanged(work.before, now):
-            raise MoveSkipped("it changed during its copy")
-        open_file = self._open_files.get(name)
-        if open_file is not None and (open_file.new or any(h.writable for h in open_file.handles)):
-            raise MoveSkipped("it was opened for writing during its copy")
-        final = work.target.path_of(name)
-        try:
-            os.link(work.copy_path, final)  # never replaces
-        except FileExistsError:
-            # A copy left by an interrupted move of this file: the same bytes
-            # are already there, so only the source has to go.
-            if not same_contents(final, work.source_fd, work.before.st_size):
-                raise MoveSkipped(f"{work.target.path} holds another file of that name") from None
-        if self.sync:
-            sync_directory(work.target.path)
-        self.checksummer.cancel(source_path)
-        os.unlink(source_path)
-        if self.sync:
-            sync_directory(work.source.path)
-        if open_file is not None and open_file.path == source_path:
-            # Readers keep their descriptors (same bytes); new opens go to the target.
-            open_file.path, open_file.datadir = final, work.target.path
-        log.info(
-            "moved %r (%d bytes) from %s to %s",
-            name,
-            work.before.st_size,
-            work.source.path,
-            work.target.path,
-        )
-
-    @staticmethod
-    def abandon_move(work: MoveWork) -> None:
-        """Drop a move's private copy and descriptors (nothing else changed)."""
-        work.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(work.copy_path)  # its hidden name; published, it has its own
+    def open_file(self, name: str) -> OpenFile | None:
+        """The open file of ``name``, if any handle has it open (moves look)."""
+        return self._open_files.get(name)
 
     # ------------------------------------------------------------------ space
 

@@ -234,7 +234,7 @@ class Job:
             due.wait(_CHECKSUM_WAIT)  # unlocked: its checksums travel with it
         try:
             with self.lock.exclusive():
-                work = pool.prepare_move(move.name, source, target)
+                work = mover.prepare(pool, move.name, source, target)
         except MoveSkipped as exc:
             return str(exc)
         except OSError as exc:
@@ -242,13 +242,13 @@ class Job:
         try:
             mover.copy(work, pool.sync, self._copied)
             with self.lock.exclusive():
-                pool.finish_move(work)
+                mover.finish(pool, work)
         except MoveSkipped as exc:
             return str(exc)
         except OSError as exc:
             return f"{exc.strerror or exc} ({exc.filename or 'copy'})"
         finally:
-            pool.abandon_move(work)  # unlocked: freeing a large source takes time
+            mover.abandon(work)  # unlocked: freeing a large source takes time
         return None
 
     def _copied(self, nbytes: int) -> bool:
