@@ -28,6 +28,13 @@ move/cp); and two probe processes time requests through the mount in a
 loop (``stat``, 4 KiB reads, creates and deletes; ``stat``, 4 KiB reads and
 ``statvfs``) during a drain of large files and then, as long again, without
 one (the longest request in the table, the 99th percentile in a note).
+
+Sparse images (issue 14): a raw image of image_mib MiB (``qemu-img create``)
+with two 32 MiB runs of data (``qemu-io``), both written through the target,
+copied out of it with ``qemu-img convert -O raw`` to the scratch directory
+(MiB/s of its apparent size: with the holes visible, SEEK_DATA/SEEK_HOLE,
+the time follows the data); and ``cp`` of a dup_mib MiB file to a new name on
+the same target (copy_file_range: through fusestore no READ or WRITE).
 """
 
 from __future__ import annotations
@@ -76,10 +83,13 @@ class Sizes:
     drain_mib: int
     latency_files: int  # moved while requests are timed, of latency_mib MiB each
     latency_mib: int
+    image_mib: int  # apparent size of the sparse image (64 MiB of data in it)
+    dup_mib: int  # the file cp duplicates inside the pool
 
 
-FULL = Sizes(1024, 256, 5, 10_000, 100_000, 256, 5, 4, 256, 4, 256)
-QUICK = Sizes(128, 32, 1, 1_000, 10_000, 32, 1, 4, 64, 4, 128)  # tmpfs only: under two minutes
+FULL = Sizes(1024, 256, 5, 10_000, 100_000, 256, 5, 4, 256, 4, 256, 4096, 1024)
+# tmpfs only: about two minutes
+QUICK = Sizes(128, 32, 1, 1_000, 10_000, 32, 1, 4, 64, 4, 128, 4096, 256)
 
 
 # fusestore's default checksums, kept in the extended attributes below (read
@@ -143,7 +153,10 @@ def mounted(
             args.append("--no-io-uring")
         args += options
         args += ["--log-file", str(scratch / f"{name}.log"), str(mountpoint)]
-        run(*args)
+        try:
+            run(*args)
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"mounting {name} failed: {exc.stderr.strip()}") from exc
     else:
         options = ["category.create=epmfs", f"minfreespace={RESERVE}", "fsname=mergerfs"]
         if name == "mergerfs-cache":
@@ -428,6 +441,73 @@ def w_checksums_ready(root: Path, sizes: Sizes) -> float:
 def _is_fusestore(root: Path) -> bool:
     """Whether ``root`` is a fusestore mount (a mountpoint named mnt-fusestore*)."""
     return root.name.startswith("mnt-fusestore")
+
+
+# ------------------------------------------------------ sparse (issue 14)
+
+IMAGE_DATA = 32  # MiB of data at the start and in the middle of the image
+
+
+def _allocated_mib(path: Path) -> float:
+    return os.stat(path).st_blocks * 512 / MiB
+
+
+def _backing_file(root: Path, name: str) -> Path | None:
+    """Where the file ``name`` of the pool at ``root`` is in the datadirs."""
+    if not root.name.startswith("mnt-"):
+        return root / name
+    return next((d / name for d in _datadirs() if (d / name).exists()), None)
+
+
+def w_sparse_image_out(root: Path, sizes: Sizes) -> float:
+    """Apparent MiB/s of ``qemu-img convert -O raw`` of a mostly empty raw
+    image, made and written through the target, to the scratch directory
+    (outside the pool); the copy is compared with ``qemu-img compare``."""
+    image = root / "sparse.raw"
+    out = Path(os.environ["BENCH_SOURCE"]).with_name("sparse-out.raw")
+    middle = sizes.image_mib // 2
+    run("qemu-img", "create", "-q", "-f", "raw", str(image), f"{sizes.image_mib}M")
+    run(
+        "qemu-io", "-f", "raw",
+        "-c", f"write -P 0x55 0 {IMAGE_DATA}M",
+        "-c", f"write -P 0xaa {middle}M {IMAGE_DATA}M",
+        str(image),
+    )  # fmt: skip
+    settle(image)
+    try:
+        seconds = timed(
+            lambda: run("qemu-img", "convert", "-f", "raw", "-O", "raw", str(image), str(out))
+        )
+        run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(image), str(out))
+        backing_file = _backing_file(root, image.name)
+        in_datadir = _allocated_mib(backing_file) if backing_file else float("nan")
+        print(
+            f"    {root.name}: convert {seconds:.2f} s; allocated: image in the datadir "
+            f"{in_datadir:.0f} MiB, copy {_allocated_mib(out):.0f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
+    finally:
+        image.unlink()
+        out.unlink(missing_ok=True)
+    return sizes.image_mib / seconds
+
+
+def w_duplicate(root: Path, sizes: Sizes) -> float:
+    """MiB/s of ``cp`` of a dup_mib MiB file to a new name on the same target
+    (coreutils' cp uses copy_file_range); the copy is compared with ``cmp``."""
+    size = sizes.dup_mib * MiB
+    source, copy = root / "original", root / "duplicate"
+    write_file(source, size, data=_block())
+    settle(source)
+    try:
+        seconds = timed(lambda: run("cp", str(source), str(copy)))
+        settle(copy)  # its checksums, before the next target's run
+        run("cmp", str(source), str(copy))
+    finally:
+        source.unlink()
+        copy.unlink(missing_ok=True)
+    return size / MiB / seconds
 
 
 # ------------------------------------------------------- moves (issue 13)
@@ -754,6 +834,8 @@ WORKLOADS: dict[str, tuple[Callable[[Path, Sizes], float | dict[str, float]], st
     "cp out of the pool": (w_cp_out, "MiB/s"),
     "drain (move)": (w_drain, "MiB/s"),
     "requests during a drain": (w_latency, "ms"),
+    "sparse image out of the pool": (w_sparse_image_out, "apparent MiB/s"),
+    "duplicate in the pool (cp)": (w_duplicate, "MiB/s"),
 }
 # Rows named otherwise than their workload: row name start -> unit.
 ROW_UNITS = {

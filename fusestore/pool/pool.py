@@ -270,15 +270,9 @@ class Pool:
         self, name: str, needed_bytes: int = 0, exclude: frozenset[str] = frozenset()
     ) -> Datadir:
         """The datadir a new file goes to, or ENOSPC/EROFS with a log of what was tried."""
-        healthy = []
-        for datadir in self.datadirs:
-            if datadir.retired or datadir.draining or datadir.path in exclude:
-                continue
-            if datadir.assess() is State.OK:
-                healthy.append(DatadirSpace(datadir.path, datadir.priority, datadir.free_bytes))
-        chosen = choose_datadir(healthy, self.min_free_space, needed_bytes)
+        chosen = self.best_datadir(needed_bytes, exclude)
         if chosen is not None:
-            return self._datadir_by_path[chosen.path]
+            return chosen
         tried = ", ".join(
             f"{d.path} (priority {d.priority}, {d.free_bytes} bytes free, {d.state.value}"
             f"{', already tried' if d.path in exclude else ''})"
@@ -290,9 +284,27 @@ class Pool:
             self.min_free_space + needed_bytes,
             tried,
         )
-        if not healthy and any(d.state is State.READ_ONLY for d in self.datadirs):
+        writable = [
+            d
+            for d in self.datadirs
+            if d.state is State.OK and not (d.retired or d.draining or d.path in exclude)
+        ]
+        if not writable and any(d.state is State.READ_ONLY for d in self.datadirs):
             raise failure(errno.EROFS, f"no writable datadir for {name!r}")
         raise failure(errno.ENOSPC, f"no datadir can hold {name!r}")
+
+    def best_datadir(
+        self, needed_bytes: int = 0, exclude: frozenset[str] = frozenset()
+    ) -> Datadir | None:
+        """Placement (``placement.py``) over the healthy datadirs now, or None."""
+        healthy = []
+        for datadir in self.datadirs:
+            if datadir.retired or datadir.draining or datadir.path in exclude:
+                continue
+            if datadir.assess() is State.OK:
+                healthy.append(DatadirSpace(datadir.path, datadir.priority, datadir.free_bytes))
+        chosen = choose_datadir(healthy, self.min_free_space, needed_bytes)
+        return None if chosen is None else self._datadir_by_path[chosen.path]
 
     # ----------------------------------------------------------- open/create
 
@@ -494,11 +506,11 @@ class Pool:
         st = os.fstat(open_file.any_fd())
         if st.st_size or st.st_blocks:
             return
-        try:
-            best = self.choose_datadir_for(open_file.name, needed_bytes=size)
-        except OSError:
-            return  # no datadir can: the call itself will say ENOSPC
-        if best.path == open_file.datadir:
+        # Quietly: the size of a sparse image (qemu-img create) may fit
+        # nowhere, and need not; a preallocation that fits nowhere fails and
+        # says so itself.
+        best = self.best_datadir(needed_bytes=size)
+        if best is None or best.path == open_file.datadir:
             return
         try:
             move_open_file(open_file, best, log_move=False)
