@@ -83,18 +83,26 @@ async def serve_control(
 
     async def answer(stream: trio.SocketStream) -> None:
         async with stream:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                line = await _first_line(stream)
-                if line.strip() in (b"", b"status"):
-                    # In a thread: counting the files of a large pool reads
-                    # every datadir, and requests must not wait for it.
-                    now = {**facts, "io_uring_queues": loop.io_uring_queues}
-                    if jobs.current is not None:
-                        now["job"] = jobs.current.progress()
-                    report = await trio.to_thread.run_sync(status.encode, pool, now)
-                    await stream.send_all(report)
-                    return
-                await _run_job(stream, line, pool, loop, jobs)
+            try:
+                await _answer(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the command went away
+            except Exception:
+                # A bug in one request must not end the daemon's control socket.
+                log.exception("a control request failed")
+
+    async def _answer(stream: trio.SocketStream) -> None:
+        line = await _first_line(stream)
+        if line.strip() in (b"", b"status"):
+            # In a thread: counting the files of a large pool reads every
+            # datadir, and requests must not wait for it.
+            now = {**facts, "io_uring_queues": loop.io_uring_queues}
+            if jobs.current is not None:
+                now["job"] = jobs.current.progress()
+            report = await trio.to_thread.run_sync(status.encode, pool, now)
+            await stream.send_all(report)
+            return
+        await _run_job(stream, line, pool, loop, jobs)
 
     await trio.serve_listeners(answer, [listener], task_status=task_status)
 

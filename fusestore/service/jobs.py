@@ -188,7 +188,11 @@ class Job:
             for move in [] if self.dry_run else moves:
                 if self.cancelled.is_set():
                     break
-                why = self._move(move)
+                try:
+                    why = self._move(move)
+                except Exception as exc:  # a bug: this file stays, the job goes on
+                    log.exception("moving %r from %s failed", move.name, move.source)
+                    why = f"unexpected error: {exc!r}"
                 self.files_done += 1
                 if why is None:
                     moved += 1
