@@ -25,7 +25,7 @@ from collections.abc import Generator
 from typing import Any
 
 from fusestore.admin.verifysummary import last_summary
-from fusestore.pool.datadirs import State
+from fusestore.pool.datadirs import State, pool_files
 from fusestore.pool.pool import Pool
 
 SCHEMA_VERSION = 1
@@ -92,12 +92,10 @@ def collect(pool: Pool, **about: Any) -> dict[str, Any]:
             vfs = os.statvfs(datadir.path)
             row["size_bytes"] = vfs.f_blocks * vfs.f_frsize
             row["free_bytes"] = vfs.f_bavail * vfs.f_frsize
-            with os.scandir(datadir.path) as entries:
-                for entry in entries:
-                    if entry.is_file(follow_symlinks=False):
-                        row["files"] += 1
-                        row["file_bytes"] += entry.stat(follow_symlinks=False).st_size
-                        names.add(entry.name)
+            for name, st in pool_files(datadir.path):
+                row["files"] += 1
+                row["file_bytes"] += st.st_size
+                names.add(name)
         except OSError:
             pass  # the row keeps its zeros; the state says why
         rows.append(row)

@@ -46,7 +46,7 @@ from fusestore.admin.progress import Pacer, Progress
 from fusestore.admin.verifysummary import SUMMARY_FILE, write_summary
 from fusestore.pool import checksums
 from fusestore.pool.config import ConfigError
-from fusestore.pool.private import PRIVATE_DIR
+from fusestore.pool.datadirs import pool_files
 from fusestore.service.settings import resolve
 
 SCHEMA_VERSION = 1
@@ -148,29 +148,9 @@ def fill_algorithms(target: str) -> tuple[str, ...]:
     return checksums.DEFAULT_ALGORITHMS
 
 
-@dataclass(frozen=True)
-class _Seen:
-    """What must not change while a file is read: its stamp and its ctime."""
-
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> _Seen:
-        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def _regular_files(datadir: str) -> list[tuple[str, int]]:
     """(name, size) of the regular files directly in ``datadir``, by name."""
-    found = []
-    with os.scandir(datadir) as entries:
-        for entry in entries:
-            if entry.name == PRIVATE_DIR or not entry.is_file(follow_symlinks=False):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                found.append((entry.name, entry.stat(follow_symlinks=False).st_size))
-    return sorted(found)
+    return sorted((name, st.st_size) for name, st in pool_files(datadir))
 
 
 def _keeps_xattrs(datadir: str) -> bool:
@@ -261,7 +241,6 @@ class Verifier:
             algorithms = tuple(stored.digests) if stored else self.algorithms
             with contextlib.suppress(OSError):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            seen = _Seen.of(before)
             changed = False
 
             def on_chunk(nbytes: int) -> bool:
@@ -270,12 +249,12 @@ class Verifier:
                 tally.bytes_read += nbytes
                 self.progress.read(nbytes)
                 self._pacer.account(nbytes)
-                changed = _Seen.of(os.fstat(fd)) != seen
+                changed = not checksums.unchanged(before, os.fstat(fd))
                 return changed
 
             digests = checksums.compute(fd, algorithms, before.st_size, on_chunk)
             after = os.fstat(fd)
-            if digests is None or changed or _Seen.of(after) != seen:
+            if digests is None or changed or not checksums.unchanged(before, after):
                 tally.skipped += 1
                 why = "being written" if current else "changed while verifying"
                 self.report(Finding(SKIPPED, datadir, name, why))

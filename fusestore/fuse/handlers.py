@@ -229,7 +229,7 @@ class Operations:
             return p.OPEN_OUT.pack(fh, 0, 0)
         open_file = handle.open_file
         backing = self._backings.get(open_file)
-        if backing is None and not any(h.writable for h in open_file.handles):
+        if backing is None and not open_file.has_writer():
             backing = self._register_backing(open_file, handle)
         if backing is None:
             return p.OPEN_OUT.pack(fh, p.FOPEN_DIRECT_IO, 0)

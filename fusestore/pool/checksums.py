@@ -63,6 +63,13 @@ class Stamp:
         return f"size={self.size} mtime_ns={self.mtime_ns}"
 
 
+def unchanged(before: os.stat_result, now: os.stat_result) -> bool:
+    """Same file, same bytes, same attributes (ctime moves with any change,
+    an attribute or a checksum stored included)."""
+    fields = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
+    return all(getattr(before, f) == getattr(now, f) for f in fields)
+
+
 @dataclass(frozen=True)
 class Record:
     """A file's digests (algorithm -> lower-case hex) and the stamp they belong to."""
@@ -226,10 +233,14 @@ def compute(
     return {name: hasher.hexdigest() for name, hasher in hashers.items()}
 
 
-def store_now(fd: int, algorithms: Iterable[str], new_file: bool = False) -> bool:
-    """Checksum the file of ``fd`` and store the record, if it did not change
-    meanwhile; whether it was stored."""
+def store_now(
+    fd: int, algorithms: Iterable[str], new_file: bool = False, largest: int | None = None
+) -> bool:
+    """Checksum the file of ``fd`` and store the record, if it is no larger
+    than ``largest`` and did not change meanwhile; whether it was stored."""
     before = os.fstat(fd)
+    if largest is not None and before.st_size > largest:
+        return False
     digests = compute(fd, algorithms, before.st_size)
     if digests is None or Stamp.of(os.fstat(fd)) != Stamp.of(before):
         return False

@@ -13,12 +13,12 @@ import enum
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from fusestore.pool.checksums import supports_xattrs
 from fusestore.pool.config import ConfigError, DatadirSpec
-from fusestore.pool.private import PrivateArea
+from fusestore.pool.private import PRIVATE_DIR, PrivateArea
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ class Datadir:
         """
         return f"{self.path}/{name}"
 
+    def takes_new_files(self) -> bool:
+        """Healthy now (measured), and neither removed from the config nor drained."""
+        return not (self.retired or self.draining) and self.assess() is State.OK
+
     def assess(self) -> State:
         """Measure state and free space now; log a change of state."""
         try:
@@ -86,6 +90,24 @@ class Datadir:
                 " (is its disk mounted?)" if self.state is State.MISSING else "",
             )
         self._logged_state = self.state
+
+
+def pool_files(path: str) -> Iterator[tuple[str, os.stat_result]]:
+    """The pool's files directly in a datadir, with their stat: regular files,
+    never through a symlink, not the private area; an entry gone meanwhile is
+    passed over. OSError if the datadir cannot be listed.
+
+    For whole-datadir passes (``status``, ``verify``, drain and balance);
+    serving a listing is ``snapshot.py``'s job.
+    """
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.name == PRIVATE_DIR or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                yield entry.name, entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
 
 
 def _validate(path: str) -> None:

@@ -32,7 +32,6 @@ which stay valid after the ``unlink``: they read the same bytes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import stat
@@ -42,10 +41,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fusestore.pool import attributes, checksums
-from fusestore.pool.datadirs import Datadir, State, start_private_area
+from fusestore.pool.datadirs import Datadir, start_private_area
 from fusestore.pool.openfiles import NEW_FILE_FLAGS, OpenFile
 from fusestore.pool.pool import Pool
 from fusestore.pool.private import sync_directory
+from fusestore.pool.spillover import copy_range
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,6 @@ class MoveWork:
                 os.close(fd)
 
 
-def unchanged(before: os.stat_result, now: os.stat_result) -> bool:
-    """Same file, same bytes, same attributes (ctime moves with any change)."""
-    fields = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
-    return all(getattr(before, f) == getattr(now, f) for f in fields)
-
-
 def copy(work: MoveWork, sync: bool, on_bytes: Callable[[int], bool] = lambda _: False) -> None:
     """Copy the bytes and attributes into the private copy and check it;
     ``on_bytes(n)`` after each chunk returns True to stop. MoveSkipped when
@@ -105,13 +99,7 @@ def copy(work: MoveWork, sync: bool, on_bytes: Callable[[int], bool] = lambda _:
         offset = 0
         while offset < size:
             length = min(_CHUNK, size - offset)
-            try:
-                done = os.copy_file_range(work.source_fd, work.copy_fd, length, offset, offset)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                os.lseek(work.copy_fd, offset, os.SEEK_SET)
-                done = os.sendfile(work.copy_fd, work.source_fd, offset, length)
+            done = copy_range(work.source_fd, work.copy_fd, length, offset, offset)
             if done == 0:
                 raise MoveSkipped("it shrank during its copy")
             checker.check(offset, done)
@@ -203,7 +191,7 @@ def same_contents(path: str, fd: int, size: int) -> bool:
 
 
 def _being_written(open_file: OpenFile | None) -> bool:
-    return open_file is not None and (open_file.new or any(h.writable for h in open_file.handles))
+    return open_file is not None and (open_file.new or open_file.has_writer())
 
 
 def prepare(pool: Pool, name: str, source: Datadir, target: Datadir) -> MoveWork:
@@ -213,7 +201,7 @@ def prepare(pool: Pool, name: str, source: Datadir, target: Datadir) -> MoveWork
     others = [c.datadir.path for c in pool.copies(name) if c.datadir not in (source, target)]
     if others:
         raise MoveSkipped(f"{', '.join(others)} hold(s) that name too (see 'fusestore check')")
-    if target.assess() is not State.OK or target.retired:
+    if not target.takes_new_files():
         raise MoveSkipped(f"{target.path} takes no files ({target.state.value})")
     try:
         source_fd = checksums.open_to_read(source.path_of(name))
@@ -249,7 +237,7 @@ def finish(pool: Pool, work: MoveWork) -> None:
         now = os.stat(source_path, follow_symlinks=False)
     except FileNotFoundError:
         raise MoveSkipped("it was removed during its copy") from None
-    if not unchanged(work.before, now):
+    if not checksums.unchanged(work.before, now):
         raise MoveSkipped("it changed during its copy")
     open_file = pool.open_file(name)
     if _being_written(open_file):

@@ -63,6 +63,10 @@ class OpenFile:
             self.error = self.error or exc.errno
             log.error("write to new file %r failed: %s", self.name, exc)
 
+    def has_writer(self, besides: Handle | None = None) -> bool:
+        """Whether a handle (other than ``besides``) may write to the file."""
+        return any(h.writable for h in self.handles if h is not besides)
+
     def any_fd(self) -> int:
         """A descriptor of the file, for fstat and friends."""
         return next(iter(self.handles)).fd

@@ -50,7 +50,12 @@ from fusestore.pool.openfiles import BACKING_FLAGS, NEW_FILE_FLAGS, Handle, Open
 from fusestore.pool.placement import DatadirSpace, choose_datadir, lookup_order
 from fusestore.pool.private import PRIVATE_DIR
 from fusestore.pool.space import PoolSpace
-from fusestore.pool.spillover import NO_ROOM, move_open_file, move_to_another_datadir
+from fusestore.pool.spillover import (
+    NO_ROOM,
+    copy_range,
+    move_open_file,
+    move_to_another_datadir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +275,8 @@ class Pool:
         self, name: str, needed_bytes: int = 0, exclude: frozenset[str] = frozenset()
     ) -> Datadir:
         """The datadir a new file goes to, or ENOSPC/EROFS with a log of what was tried."""
-        chosen = self.best_datadir(needed_bytes, exclude)
+        candidates = self._candidates(exclude)
+        chosen = self._place(candidates, needed_bytes)
         if chosen is not None:
             return chosen
         tried = ", ".join(
@@ -284,26 +290,22 @@ class Pool:
             self.min_free_space + needed_bytes,
             tried,
         )
-        writable = [
-            d
-            for d in self.datadirs
-            if d.state is State.OK and not (d.retired or d.draining or d.path in exclude)
-        ]
-        if not writable and any(d.state is State.READ_ONLY for d in self.datadirs):
+        if not candidates and any(d.state is State.READ_ONLY for d in self.datadirs):
             raise failure(errno.EROFS, f"no writable datadir for {name!r}")
         raise failure(errno.ENOSPC, f"no datadir can hold {name!r}")
 
     def best_datadir(
         self, needed_bytes: int = 0, exclude: frozenset[str] = frozenset()
     ) -> Datadir | None:
-        """Placement (``placement.py``) over the healthy datadirs now, or None."""
-        healthy = []
-        for datadir in self.datadirs:
-            if datadir.retired or datadir.draining or datadir.path in exclude:
-                continue
-            if datadir.assess() is State.OK:
-                healthy.append(DatadirSpace(datadir.path, datadir.priority, datadir.free_bytes))
-        chosen = choose_datadir(healthy, self.min_free_space, needed_bytes)
+        """Placement (``placement.py``) over the datadirs that take files now, or None."""
+        return self._place(self._candidates(exclude), needed_bytes)
+
+    def _candidates(self, exclude: frozenset[str]) -> list[Datadir]:
+        return [d for d in self.datadirs if d.path not in exclude and d.takes_new_files()]
+
+    def _place(self, candidates: list[Datadir], needed_bytes: int) -> Datadir | None:
+        spaces = [DatadirSpace(d.path, d.priority, d.free_bytes) for d in candidates]
+        chosen = choose_datadir(spaces, self.min_free_space, needed_bytes)
         return None if chosen is None else self._datadir_by_path[chosen.path]
 
     # ----------------------------------------------------------- open/create
@@ -483,19 +485,11 @@ class Pool:
         if target_offset == 0:
             self._place_by_size(target.open_file, length)
 
-        def copy() -> int:
-            try:
-                return os.copy_file_range(
-                    source.fd, target.fd, length, source_offset, target_offset
-                )
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-            # Between two filesystems: sendfile, still in the kernel.
-            os.lseek(target.fd, target_offset, os.SEEK_SET)
-            return os.sendfile(target.fd, source.fd, source_offset, length)
-
-        return self._until_it_fits(target, target_offset + length, copy)
+        return self._until_it_fits(
+            target,
+            target_offset + length,
+            lambda: copy_range(source.fd, target.fd, length, source_offset, target_offset),
+        )
 
     def _place_by_size(self, open_file: OpenFile, size: int) -> None:
         """A new file nothing was written to yet announced its size (fallocate,
@@ -553,7 +547,7 @@ class Pool:
             handle.writable
             and not open_file.new
             and open_file.path is not None
-            and not any(h.writable for h in open_file.handles if h is not handle)
+            and not open_file.has_writer(besides=handle)
         ):
             self._checksum_later(open_file.datadir, open_file.path)
 
@@ -602,9 +596,11 @@ class Pool:
         a small file just published (``new_fd``, one of its descriptors) at once."""
         if not (self.algorithms and self._datadir_by_path[datadir].xattrs):
             return
-        if new_fd is not None and os.fstat(new_fd).st_size <= checksums.AT_ONCE:
+        if new_fd is not None:
             try:
-                if checksums.store_now(new_fd, self.algorithms, new_file=True):
+                if checksums.store_now(
+                    new_fd, self.algorithms, new_file=True, largest=checksums.AT_ONCE
+                ):
                     return
             except OSError as exc:
                 log.error("cannot store the checksums of %s: %s", path, exc.strerror)
@@ -673,7 +669,7 @@ class Pool:
             if published:
                 self._will_change(path, target)  # type: ignore[arg-type]
             os.truncate(target, size)
-            if published and not (open_file and any(h.writable for h in open_file.handles)):
+            if published and not (open_file and open_file.has_writer()):
                 self._checksum_later(datadir, path)  # type: ignore[arg-type]
         if atime_ns is not None or mtime_ns is not None:
             before = os.stat(target)

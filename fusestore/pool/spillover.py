@@ -30,11 +30,28 @@ _COPY_CHUNK = 8 << 20
 ChooseDatadir = Callable[[str, int, frozenset[str]], Datadir]
 
 
+def copy_range(
+    source_fd: int, target_fd: int, length: int, source_offset: int, target_offset: int
+) -> int:
+    """Copy up to ``length`` bytes in the kernel; how many (0: the source ends).
+
+    ``copy_file_range`` (a reflink where the filesystem can), or ``sendfile``
+    where the kernel refuses it between two filesystems (two tmpfs, say).
+    """
+    try:
+        return os.copy_file_range(source_fd, target_fd, length, source_offset, target_offset)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    os.lseek(target_fd, target_offset, os.SEEK_SET)
+    return os.sendfile(target_fd, source_fd, source_offset, length)
+
+
 def copy_bytes(source_fd: int, target_fd: int, size: int) -> None:
     """Copy ``size`` bytes from the start of one file to another, in the kernel."""
     offset = 0
     while offset < size:
-        sent = os.sendfile(target_fd, source_fd, offset, min(_COPY_CHUNK, size - offset))
+        sent = copy_range(source_fd, target_fd, min(_COPY_CHUNK, size - offset), offset, offset)
         if sent == 0:
             break  # the source shrank meanwhile
         offset += sent

@@ -24,11 +24,10 @@ from typing import Any
 
 from fusestore.fuse.requestlock import RequestLock
 from fusestore.pool import mover, rebalance
-from fusestore.pool.datadirs import Datadir, State
+from fusestore.pool.datadirs import Datadir, State, pool_files
 from fusestore.pool.mover import MoveSkipped
 from fusestore.pool.pacing import Pacer
 from fusestore.pool.pool import Pool
-from fusestore.pool.private import PRIVATE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +48,24 @@ def _disks_and_files(pool: Pool) -> tuple[list[rebalance.Disk], list[rebalance.F
     """What the planner needs: each datadir's space, each regular file in it."""
     disks, files = [], []
     for datadir in pool.datadirs:
-        state = datadir.assess()
+        accepts = datadir.takes_new_files()
+        if datadir.retired or datadir.draining:
+            datadir.assess()  # not measured by takes_new_files: its space counts too
         try:
             vfs = os.statvfs(datadir.path)
             total = vfs.f_blocks * vfs.f_frsize
         except OSError:
             total = 0
-        accepts = state is State.OK and not datadir.retired and not datadir.draining
         disks.append(
             rebalance.Disk(datadir.path, datadir.priority, total, datadir.free_bytes, accepts)
         )
-        if state is State.VANISHED:
+        if datadir.state is State.VANISHED:
             continue
         try:
-            with os.scandir(datadir.path) as entries:
-                for entry in entries:
-                    if entry.name == PRIVATE_DIR or not entry.is_file(follow_symlinks=False):
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    files.append(
-                        rebalance.File(entry.name, datadir.path, st.st_size, st.st_mtime_ns)
-                    )
+            files += [
+                rebalance.File(name, datadir.path, st.st_size, st.st_mtime_ns)
+                for name, st in pool_files(datadir.path)
+            ]
         except OSError as exc:
             log.error("datadir %s cannot be listed: %s", datadir.path, exc.strerror)
     return disks, files
