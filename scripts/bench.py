@@ -3,16 +3,23 @@
 Run through ``scripts/bench`` (which installs mergerfs and fio). Every
 workload runs on every target in turn, repetition by repetition (A B C A B C
 …), so drift of the machine hits all targets alike; the table shows medians
-and the ratios fusestore/direct and fusestore/best mergerfs (higher is better
-for fusestore: every figure is a rate).
+and the ratios fusestore/direct (the direct disk is the physical limit),
+fusestore/upstream mergerfs (with --mergerfs) and fusestore/the better of
+Debian's two mergerfs targets (higher is better for fusestore: every figure
+is a rate).
 
 Targets, over the same backing datadirs (two of them, priorities 10 and 5):
   direct         the first datadir itself
-  fusestore      fusestore --no-sync (mergerfs does not fsync on close either)
+  fusestore      fusestore --no-sync (mergerfs does not fsync on close either);
+                 FUSE over io_uring where the kernel has it
   fusestore-sync fusestore with its durable default (fsync before publishing)
   fusestore-devfuse fusestore --no-sync --no-io-uring: requests through /dev/fuse
-  mergerfs       category.create=epmfs, minfreespace = fusestore's reserve
+  mergerfs       Debian's: category.create=epmfs, minfreespace = fusestore's reserve
   mergerfs-cache the same plus cache.files=auto-full, writeback, attr/entry caching
+  mergerfs-X.Y   only with --mergerfs PATH: an upstream mergerfs binary, named by
+                 its --version, with category.create=ff, the same minfreespace and
+                 UPSTREAM_OPTIONS (FUSE passthrough for reads and writes: root and
+                 Linux 6.9+); without it the report says that it was left out
 
 fusestore computes md5 and sha256 of every new file by default, in the
 background after close; the rows run with that default unless their name says
@@ -47,6 +54,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import select
 import shutil
 import socket
@@ -98,6 +106,33 @@ CHECKSUMS = ("md5", "sha256")
 CHECKSUM_ATTRIBUTE = "user.fusestore.{}"
 CHECKSUMS_OFF = ["--checksums", "none"]
 
+# The upstream mergerfs target (--mergerfs PATH): its name ("mergerfs-2.42",
+# from its --version) -> the binary; empty without --mergerfs.
+UPSTREAM: dict[str, Path] = {}
+# Its options besides category.create=ff and minfreespace: the page cache and
+# FUSE passthrough for reads and writes (passthrough.io needs cache.files on,
+# and turns cache.writeback off), 1 s attribute, entry and negative entry
+# caches as mergerfs-cache and fusestore have, directories opened by two
+# threads at once and read in branch order.
+UPSTREAM_OPTIONS = [
+    "cache.files=auto-full",
+    "passthrough.io=rw",
+    "cache.attr=1",
+    "cache.entry=1",
+    "cache.negative_entry=1",
+    "func.readdir=cosr:2",
+]
+# How to build one, for --help.
+UPSTREAM_BUILD = """\
+upstream mergerfs (--mergerfs PATH), built from its source in a directory SRC
+outside this repository (a scratch directory; neither is kept here):
+  git clone https://github.com/trapexit/mergerfs SRC
+  cd SRC && git checkout 2.42.0   # the newest tag
+  make NDEBUG=1 -j"$(nproc)"      # needs g++ and make (libfuse is vendored); -O2
+  scripts/bench --quick --mergerfs SRC/build/mergerfs
+Without NDEBUG=1 make builds with -O0 -g; its RELEASE= names a container
+target of upstream's packaging, not an optimised build."""
+
 # ------------------------------------------------------------------ targets
 
 
@@ -134,6 +169,97 @@ def backing(kind: str, scratch: Path, size_mib: int) -> Iterator[list[Path]]:
             subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def start_mergerfs(
+    name: str, datadirs: list[Path], scratch: Path, mountpoint: Path
+) -> subprocess.Popen:
+    """mergerfs target ``name`` mounted at ``mountpoint``: its process.
+
+    In the foreground (``-f``), a child of the bench that stop() ends after
+    the unmount: mergerfs 2.42.0 (its libfuse's ``fuse_session_loop_mt``)
+    now and then stays behind for good once unmounted: a reader thread that
+    sees the unmount posts the semaphore the main thread waits on before it
+    marks the session exited, and the main thread, finding it not yet
+    exited, waits again; SIGTERM ends it. Its output goes to
+    ``scratch/<name>.log``.
+    """
+    binary = "mergerfs"  # Debian's
+    options = ["category.create=epmfs", f"minfreespace={RESERVE}", "fsname=mergerfs"]
+    if name == "mergerfs-cache":
+        options += [
+            "cache.files=auto-full",
+            "cache.writeback=true",
+            "cache.attr=1",
+            "cache.entry=1",
+            "cache.negative_entry=1",
+        ]
+    elif name in UPSTREAM:
+        binary = str(UPSTREAM[name])
+        options = ["category.create=ff", f"minfreespace={RESERVE}", f"fsname={name}"]
+        options += UPSTREAM_OPTIONS
+    branches = ":".join(str(d) for d in datadirs)
+    log = scratch / f"{name}.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [binary, "-f", "-o", ",".join(options), branches, str(mountpoint)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 10
+    while not os.path.ismount(mountpoint):
+        if process.poll() is not None or time.monotonic() > deadline:
+            unmount(mountpoint)
+            stop(process)
+            raise RuntimeError(f"mounting {name} failed: {log.read_text(errors='replace')}")
+        time.sleep(0.01)
+    if name in UPSTREAM:
+        try:
+            check_options(name, mountpoint, options)
+        except RuntimeError:
+            unmount(mountpoint)
+            stop(process)
+            raise
+    return process
+
+
+def check_options(name: str, mountpoint: Path, options: list[str]) -> None:
+    """Each of ``options`` as the mergerfs at ``mountpoint`` reads it back
+    through its control file (``.mergerfs``): it takes option names it does
+    not know without a word. minfreespace comes back in bytes."""
+    wrong = []
+    for option in options:
+        key, _, wanted = option.partition("=")
+        if key == "fsname":
+            continue
+        try:
+            got = os.getxattr(mountpoint / ".mergerfs", f"user.mergerfs.{key.replace('_', '-')}")
+        except OSError as exc:
+            wrong.append(f"{key}: {exc.strerror}")
+            continue
+        if key != "minfreespace" and got.decode() != wanted:
+            wrong.append(f"{key}={got.decode()}, not {wanted}")
+    if wrong:
+        raise RuntimeError(f"{name} did not take its options: {'; '.join(wrong)}")
+
+
+def stop(process: subprocess.Popen, seconds: float = 2) -> None:
+    """Wait for an unmounted mergerfs to exit (a few ms), else end it."""
+    for end in (None, process.terminate, process.kill):
+        if end is not None:
+            print(
+                f"    {Path(process.args[0]).name} (pid {process.pid}) still running "
+                f"{seconds:g} s after its unmount: {end.__name__}",
+                file=sys.stderr,
+                flush=True,
+            )
+            end()
+        try:
+            process.wait(seconds)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @contextlib.contextmanager
 def mounted(
     name: str, datadirs: list[Path], scratch: Path, options: Sequence[str] = ()
@@ -144,6 +270,7 @@ def mounted(
         return
     mountpoint = scratch / f"mnt-{name}"
     mountpoint.mkdir(exist_ok=True)
+    process = None
     if name.startswith("fusestore"):
         args = [*FUSESTORE, "mount", "--min-free-space", RESERVE]
         args += ["--datadirs", f"{datadirs[0]}:10", "--datadirs", f"{datadirs[1]}:5"]
@@ -158,21 +285,13 @@ def mounted(
         except subprocess.CalledProcessError as exc:
             raise RuntimeError(f"mounting {name} failed: {exc.stderr.strip()}") from exc
     else:
-        options = ["category.create=epmfs", f"minfreespace={RESERVE}", "fsname=mergerfs"]
-        if name == "mergerfs-cache":
-            options += [
-                "cache.files=auto-full",
-                "cache.writeback=true",
-                "cache.attr=1",
-                "cache.entry=1",
-                "cache.negative_entry=1",
-            ]
-        branches = ":".join(str(d) for d in datadirs)
-        run("mergerfs", "-o", ",".join(options), branches, str(mountpoint))
+        process = start_mergerfs(name, datadirs, scratch, mountpoint)
     try:
         yield mountpoint
     finally:
         unmount(mountpoint)
+        if process is not None:
+            stop(process)
 
 
 def drop_caches() -> None:
@@ -935,6 +1054,7 @@ def scale(files: int, scratch: Path) -> dict:
 # ------------------------------------------------------------------- driver
 
 
+# The upstream mergerfs target, if any, is added at the end by main().
 TARGETS = [
     "direct",
     "fusestore",
@@ -943,6 +1063,23 @@ TARGETS = [
     "mergerfs",
     "mergerfs-cache",
 ]
+DEBIAN_MERGERFS = ("mergerfs", "mergerfs-cache")
+
+
+def upstream_mergerfs(path: Path) -> tuple[str, str]:
+    """The target name of the mergerfs binary at ``path`` (``mergerfs-2.42``
+    for ``mergerfs v2.42.0``) and the first line of its ``--version``."""
+    try:
+        first = run(str(path), "--version").stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"bench: --mergerfs {path}: no mergerfs --version: {exc}") from exc
+    version = re.search(r"(\d+)\.(\d+)", first)
+    if not first.startswith("mergerfs") or version is None:
+        raise SystemExit(f"bench: --mergerfs {path}: not a mergerfs version: {first!r}")
+    name = f"mergerfs-{version[1]}.{version[2]}"
+    if name in TARGETS:
+        raise SystemExit(f"bench: --mergerfs {path}: {name} is already a target")
+    return name, first
 
 
 def daemon_log_problems(scratch: Path, most: int = 20) -> list[str]:
@@ -1072,26 +1209,44 @@ def _cell(value: float | None, unit: str) -> str:
     return f"{value:,.1f}" if unit == "ms" else f"{value:,.0f}"
 
 
+def _ratio(fs: float | None, other: float | None, unit: str) -> str:
+    """fusestore over another target; none for latencies (lower is better)
+    and rows without a figure."""
+    if unit == "ms" or not fs or not other:
+        return "—"
+    return f"{fs / other:.2f}"
+
+
 def markdown(report: dict) -> str:
+    """The tables: a column per target, then fusestore (--no-sync, io_uring)
+    over the direct disk (the physical limit), over upstream mergerfs (with
+    --mergerfs) and over the better of Debian's two mergerfs targets."""
+    targets = report["targets"]
+    upstream = (report["mergerfs_upstream"] or {}).get("target")
+    ratio_names = ["fs/direct", *([f"fs/{upstream}"] if upstream else [])]
+    ratio_names.append("fs/best Debian mergerfs")
     lines = []
+    if not upstream:
+        lines.append(
+            "\nNo upstream mergerfs: its column is left out (`--mergerfs PATH` adds it, "
+            "see `scripts/bench --help`)."
+        )
     for kind, rows in report["results"].items():
         lines.append(f"\n### {kind} backing (medians of {report['repetitions']} runs)\n")
-        lines.append(
-            "| workload | unit | direct | fusestore | fusestore-sync | fusestore-devfuse "
-            "| mergerfs | mergerfs-cache | fs/direct | fs/best mergerfs |"
-        )
-        lines.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+        lines.append(f"| workload | unit | {' | '.join(targets + ratio_names)} |")
+        lines.append("|---|---|" + "--:|" * (len(targets) + len(ratio_names)))
         for workload, medians in rows.items():
             if workload in NOTE_ROWS:
                 continue
             unit = unit_of(workload)
-            cells = " | ".join(_cell(medians[t], unit) for t in TARGETS)
-            fs, direct = medians["fusestore"], medians["direct"]
-            mergerfs = [medians[t] for t in ("mergerfs", "mergerfs-cache") if medians[t]]
-            ratios = "— | —"  # latencies (lower is better) and rows without a figure
-            if unit != "ms" and fs and direct and mergerfs:
-                ratios = f"{fs / direct:.2f} | {fs / max(mergerfs):.2f}"
-            lines.append(f"| {workload} | {unit} | {cells} | {ratios} |")
+            cells = " | ".join(_cell(medians.get(t), unit) for t in targets)
+            fs = medians.get("fusestore")
+            debian = [v for t in DEBIAN_MERGERFS if (v := medians.get(t))]
+            ratios = [_ratio(fs, medians.get("direct"), unit)]
+            if upstream:
+                ratios.append(_ratio(fs, medians.get(upstream), unit))
+            ratios.append(_ratio(fs, max(debian, default=None), unit))
+            lines.append(f"| {workload} | {unit} | {cells} | {' | '.join(ratios)} |")
         if cost := report["checksum_cost"].get(kind):
             ratios = ", ".join(f"{target} {ratio:.2f}" for target, ratio in cost.items())
             lines.append(
@@ -1118,7 +1273,7 @@ def markdown(report: dict) -> str:
                 f"{t} {during[t]:.2f} / {calm[t]:.2f}"
                 if during[t] is not None
                 else f"{t} — / {calm[t]:.2f}"
-                for t in TARGETS
+                for t in targets
             )
             lines.append(
                 "\n99th percentile of the requests (the larger of the two probes') during a "
@@ -1128,7 +1283,11 @@ def markdown(report: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=UPSTREAM_BUILD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer runs")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     parser.add_argument("--repetitions", type=int, help="runs per workload and target")
@@ -1138,6 +1297,13 @@ def main() -> int:
         help="backing filesystem of the datadirs (default: both; tmpfs with --quick)",
     )
     parser.add_argument("--only", action="append", help="run workloads whose name has WORD")
+    parser.add_argument(
+        "--mergerfs",
+        metavar="PATH",
+        help="an upstream mergerfs binary to run beside Debian's, as the target mergerfs-X.Y "
+        "(from its --version) with FUSE passthrough (root, Linux 6.9+); without it that "
+        "column is left out, with a note. How to build one: below",
+    )
     parser.add_argument(
         "--scale",
         type=int,
@@ -1157,6 +1323,19 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="fusestore-scale-", dir="/var/tmp") as tmp:
             print(json.dumps(scale(args.scale, Path(tmp)), indent=2))
         return 0
+    upstream = None
+    if args.mergerfs:
+        # scripts/bench runs this from the repository: a relative PATH is the caller's.
+        binary = Path(os.environ.get("BENCH_CWD", os.getcwd()), args.mergerfs).resolve()
+        name, version = upstream_mergerfs(binary)
+        UPSTREAM[name] = binary
+        TARGETS.append(name)
+        upstream = {
+            "target": name,
+            "version": version,
+            "path": str(binary),
+            "options": ["category.create=ff", f"minfreespace={RESERVE}", *UPSTREAM_OPTIONS],
+        }
     sizes = QUICK if args.quick else FULL
     if args.repetitions:
         sizes.repetitions = args.repetitions
@@ -1178,6 +1357,8 @@ def main() -> int:
         "mergerfs": run("mergerfs", "--version").stdout.split("\n")[0].strip()
         if shutil.which("mergerfs")
         else None,
+        "mergerfs_upstream": upstream,
+        "targets": TARGETS,
         "repetitions": sizes.repetitions,
         "quick": args.quick,
         "results": results,
@@ -1185,11 +1366,10 @@ def main() -> int:
         "move_cost": {kind: move_cost(rows) for kind, rows in results.items()},
         "daemon_log_problems": problems,
     }
-    print(
-        json.dumps(report, indent=2)
-        if args.json
-        else f"{report['machine']}; {report['mergerfs']}" + markdown(report)
-    )
+    heading = f"{report['machine']}; Debian's {report['mergerfs']}"
+    if upstream:
+        heading += f"; {upstream['target']}: {upstream['version']} ({upstream['path']})"
+    print(json.dumps(report, indent=2) if args.json else heading + markdown(report))
     return 0
 
 
