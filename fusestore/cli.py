@@ -14,20 +14,26 @@ value, before anything is mounted; a mount the kernel refuses exits 1.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import logging.handlers
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from fusestore import __version__, admincommands
 from fusestore.pool.config import (
+    DEFAULT_DATADIR_TIMEOUT,
     ConfigError,
     absolute_spec,
     escape_list_item,
     parse_checksums,
     parse_datadir_spec,
+    parse_seconds,
     parse_size,
     split_list,
 )
@@ -127,6 +133,13 @@ def _add_mount_parser(commands: Any) -> None:
         help="write blocks of zeros in new files as holes, as Glance's "
         "filesystem_thin_provisioning does: a raw image takes only the space of its data "
         "(default: off, zeros are written)",
+    )
+    source.add_argument(
+        "--datadir-timeout",
+        metavar="SECONDS",
+        help="a datadir whose filesystem leaves a request unanswered this long counts as "
+        "hung: requests that need it fail with EIO, the rest of the pool goes on without "
+        f"it until it answers again (default {DEFAULT_DATADIR_TIMEOUT:g})",
     )
     source.add_argument(
         "--busy-poll",
@@ -259,6 +272,8 @@ def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any
         overrides["min_free_space"] = parse_size(args.min_free_space)
     if args.checksums is not None:
         overrides["checksums"] = parse_checksums(args.checksums)
+    if args.datadir_timeout is not None:
+        overrides["datadir_timeout"] = parse_seconds("datadir_timeout", args.datadir_timeout)
     overrides["options"] = fuse_options
     return config_file, overrides
 
@@ -312,6 +327,9 @@ def _mount(args: argparse.Namespace) -> int:
         print(f"fusestore: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     _setup_logging(settings.debug, settings.log_file, background=not args.foreground)
+    # `kill -USR1 PID` prints every thread's Python stack on stderr: where a
+    # daemon waits (a hung datadir?) without a debugger.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def reload() -> None:
         try:
@@ -348,7 +366,30 @@ def _mount(args: argparse.Namespace) -> int:
     except MountError as exc:
         log.error("%s", exc)
         return EXIT_MOUNT_FAILED
+    hung = [datadir.path for datadir in pool.datadirs if datadir.hung_since is not None]
+    if hung or _threads_left_waiting():
+        # Threads stuck in a hung datadir (fusestore/fuse/rescue.py), which the
+        # interpreter would wait for at exit: exit without them. Its files are
+        # closed by the closer process, which shares the descriptors
+        # (fusestore/pool/closer.py): the daemon's exit closes none of them.
+        log.warning(
+            "exiting without waiting for %s", ", ".join(hung) or "threads in a hung datadir"
+        )
+        logging.shutdown()
+        os._exit(0)
     return 0
+
+
+def _threads_left_waiting(grace: float = 1.0) -> bool:
+    """Whether a thread that the interpreter waits for at exit is still busy."""
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            return True
+    return False
 
 
 def _as_subcommand(argv: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fusestore.admin import status
+from fusestore.pool.closer import CLOSER_NAME
 
 # The datadir that fails on demand (tests/faulty.py) is a fixture for every test.
 pytest_plugins = ["tests.faulty"]
@@ -436,11 +437,22 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGKILL)
 
 
+def is_closer(entry: Path) -> bool:
+    """Whether /proc/PID is a daemon's closer process (fusestore/pool/closer.py):
+    it has the daemon's command line but serves nothing, and ends by itself
+    right after its daemon (say one a test has just killed)."""
+    try:
+        return (entry / "comm").read_bytes().rstrip(b"\n") == CLOSER_NAME
+    except OSError:
+        return False
+
+
 def processes_naming(path: Path) -> list[int]:
-    """Processes whose command line names ``path`` (such as a daemon serving it)."""
+    """Processes whose command line names ``path`` (such as a daemon serving
+    it), closers aside."""
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid() or is_closer(entry):
             continue
         try:
             command_line = (entry / "cmdline").read_bytes()

@@ -6,9 +6,9 @@ Why it exists: the README's promises about failing disks (*Failed writes*,
 tmpfs and returns a :class:`FaultyDatadir`: use its ``path`` as a fusestore
 datadir, make requests on it fail with ``fail(op, name, "EIO")`` and stop
 with ``heal()``, look at the bytes under it in ``backing``. To make it hang,
-``process.send_signal(signal.SIGSTOP)`` (``waits_for_fuse(pid)`` tells
-when a process is blocked on it); the finaliser resumes and ends it whatever
-state it is in.
+``hang()`` (SIGSTOP of its process; ``resume()`` sends SIGCONT;
+``waits_for_fuse(pid)`` tells when a process is blocked on it); the
+finaliser resumes and ends it whatever state it is in.
 
 Teardown order matters: a pool on top of a faulty datadir must be unmounted
 first. Request ``faulty_datadir`` before ``mount_pool`` (both depend on
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TmpfsFactory, is_mounted
+from tests.conftest import REPO, TmpfsFactory, is_closer, is_mounted
 from tests.faultyfs import parse_faults
 
 MOUNT_WAIT_SECONDS = 15
@@ -71,6 +71,31 @@ class FaultyDatadir:
         """No more faults, from the next request on."""
         self._write([])
 
+    def hang(self) -> None:
+        """Stop answering (SIGSTOP), as a disk that stalls or a lost NFS server:
+        every request on the datadir waits until :meth:`resume` (or the
+        finaliser). Returns once the process is stopped (bounded)."""
+        self.process.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while not self.is_stopped():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"faultyfs at {self.path} did not stop:\n{self.log()}")
+            time.sleep(0.005)
+
+    def resume(self) -> None:
+        """Answer again (SIGCONT), the requests that waited first; harmless if
+        it is not stopped or has ended."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
+    def is_stopped(self) -> bool:
+        """Whether the process is stopped by a signal (SIGSTOP): state T in /proc."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rpartition(")")[2].split()[0] == "T"
+
     def _write(self, rules: list[dict[str, str]]) -> None:
         document: dict[str, object] = {"faults": rules}
         if self.name_max is not None:
@@ -91,6 +116,8 @@ class FaultyDatadir:
         found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) in (os.getpid(), self.process.pid):
+                continue
+            if is_closer(entry):
                 continue
             try:
                 arguments = os.fsdecode((entry / "cmdline").read_bytes()).split("\0")
@@ -155,9 +182,9 @@ def start_faultyfs(backing: Path, path: Path, control: Path, log_path: Path) -> 
 
 
 def waits_for_fuse(pid: int) -> bool:
-    """Whether the process sleeps waiting for a FUSE filesystem's answer (one
-    that is stopped, say). /sys/fs/fuse/connections would tell more, but is
-    not mounted everywhere."""
+    """Whether the process (or thread: a thread id does as well) sleeps
+    waiting for a FUSE filesystem's answer (one that is stopped, say).
+    /sys/fs/fuse/connections would tell more, but is not mounted everywhere."""
     try:
         return Path(f"/proc/{pid}/wchan").read_text() == "request_wait_answer"
     except OSError:

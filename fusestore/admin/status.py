@@ -22,6 +22,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Generator
+from datetime import UTC, datetime
 from typing import Any
 
 from fusestore.admin.verifysummary import last_summary
@@ -61,6 +62,17 @@ def _checksums_pending(pool: Pool) -> int:
     return 0
 
 
+def _hung_since(datadir: Any) -> str | None:
+    """When the datadir stopped answering (ISO 8601, UTC), if it has not since."""
+    return _iso(getattr(datadir, "hung_since", None))
+
+
+def _iso(since: float | None) -> str | None:
+    if since is None:
+        return None
+    return datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
+
+
 # What a datadir's row tells of its last verify (the summary file has more).
 _VERIFY_KEYS = ("time", "files", "verified", "unverified", "corrupt", "changed", "unreadable")
 
@@ -77,6 +89,7 @@ def collect(pool: Pool, **about: Any) -> dict[str, Any]:
     rows = []
     names: set[str] = set()
     for datadir in pool.datadirs:
+        hung_since = _hung_since(datadir)
         row: dict[str, Any] = {
             "path": datadir.path,
             "priority": datadir.priority,
@@ -86,8 +99,17 @@ def collect(pool: Pool, **about: Any) -> dict[str, Any]:
             "files": 0,
             "file_bytes": 0,
             "checksums": _checksums_state(pool, datadir),
-            "last_verify": _last_verify(datadir.path),
+            "last_verify": None if hung_since else _last_verify(datadir.path),
+            "hung_since": hung_since,
+            # Reads and writes that failed with a disk error since the mount;
+            # failing: since when it takes no new files for a failed write.
+            "read_errors": datadir.read_errors,
+            "write_errors": datadir.write_errors,
+            "failing_since": _iso(datadir.failing_since),
         }
+        if hung_since is not None:
+            rows.append(row)  # not asked: it would not answer (health.py)
+            continue
         try:
             vfs = os.statvfs(datadir.path)
             row["size_bytes"] = vfs.f_blocks * vfs.f_frsize
@@ -106,6 +128,7 @@ def collect(pool: Pool, **about: Any) -> dict[str, Any]:
         "min_free_space": pool.min_free_space,
         "sync": pool.sync,
         "thin_provisioning": pool.thin,
+        "datadir_timeout": pool.health.timeout,
         "checksums": list(getattr(pool, "algorithms", ())),
         "checksums_pending": _checksums_pending(pool),
         "datadirs": rows,
@@ -250,14 +273,25 @@ def human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _state_cell(row: dict[str, Any]) -> str:
+    since = row.get("hung_since")
+    if row["state"] == "failing":
+        since = row.get("failing_since")
+    return f"{row['state']} since {since}" if since else str(row["state"])
+
+
 def render_table(status: dict[str, Any]) -> str:
     """A table for people; scripts should use ``--json``."""
-    header = ("DATADIR", "PRIORITY", "STATE", "SIZE", "FREE", "FILES", "USED BY FILES", "VERIFIED")
+    header = (
+        *("DATADIR", "PRIORITY", "STATE", "ERRORS R/W", "SIZE", "FREE", "FILES"),
+        *("USED BY FILES", "VERIFIED"),
+    )
     rows = [
         (
             row["path"],
             str(row["priority"]),
-            row["state"],
+            _state_cell(row),
+            errors_cell(row),
             human(row["size_bytes"]),
             human(row["free_bytes"]),
             str(row["files"]),
@@ -270,6 +304,7 @@ def render_table(status: dict[str, Any]) -> str:
     rows.append(
         (
             "total",
+            "",
             "",
             "",
             human(totals["size_bytes"]),
@@ -314,6 +349,14 @@ def job_line(job: dict[str, Any]) -> str:
     moved = f"{human(job.get('bytes_done') or 0)}/{human(job.get('bytes') or 0)}"
     started = f", started {job['started']}" if job.get("started") else ""
     return f"{what}: {done}, {moved}{started}"
+
+
+def errors_cell(row: dict[str, Any]) -> str:
+    """Reads and writes that failed with a disk error, "0/2" ("" from a daemon
+    that does not count them)."""
+    if "read_errors" not in row:
+        return ""
+    return f"{row['read_errors']}/{row['write_errors']}"
 
 
 def verified_cell(row: dict[str, Any]) -> str:

@@ -417,7 +417,7 @@ class Operations:
 
     def read(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
-        return self._handles[fh].read(offset, size)
+        return self.pool.read(self._handles[fh], offset, size)
 
     def write(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         handle, offset, data = self._write_request(inode, body)

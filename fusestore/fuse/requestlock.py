@@ -10,6 +10,11 @@ where a file lives (a move when a datadir fills, a publish, a config
 reload), is *exclusive*: it waits until no write is in flight, and writes
 wait while it does. Two writes to one file at once are the filesystem's to
 order, as on a local disk.
+
+A request stuck in a hung datadir holds its section for as long as the
+datadir is silent; the rescuer (``rescue.py``) then takes the section away
+from its thread (:meth:`RequestLock.forsake`), so the lock knows which thread
+holds it and which threads are writing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ class RequestLock:
     def __init__(self) -> None:
         self._condition = threading.Condition(threading.Lock())
         self._writes = 0  # running outside the lock
+        self._writers: set[int] = set()  # their threads
+        self._owner: int | None = None  # the thread in the exclusive section
+        self._handover = threading.Lock()  # the owner leaves, or is made to leave, once
         self._waiting = 0  # exclusive sections waiting for them to end
         self._exclusive = _Exclusive(self)
 
@@ -46,6 +54,32 @@ class RequestLock:
                 self._waiting -= 1
             if not self._waiting:
                 condition.notify_all()  # writes held back may go on after us
+        self._owner = threading.get_ident()
+
+    def _leave_exclusive(self) -> None:
+        with self._handover:
+            # Not the owner: the rescuer took the section from this thread.
+            if self._owner == threading.get_ident():
+                self._owner = None
+                self._condition.release()
+
+    def forsake(self, thread: int) -> None:
+        """Take the section, or its place among the writes, from a stuck thread.
+
+        Called by the rescuer while the thread cannot run (it waits in a
+        system call): its exclusive section ends, or its write stops counting.
+        """
+        with self._handover:
+            if self._owner == thread:
+                self._owner = None
+                self._condition.release()
+                return
+        with self._condition:
+            if thread in self._writers:
+                self._writers.discard(thread)
+                self._writes -= 1
+                if not self._writes and self._waiting:
+                    self._condition.notify_all()
 
     def released(self) -> _Released:
         """Inside an exclusive section: let others run while this one waits for
@@ -66,13 +100,17 @@ class RequestLock:
             if work is None:
                 return None
             self._writes += 1
+            me = threading.get_ident()
+            self._writers.add(me)
         try:
             return work()
         finally:
             with self._condition:
-                self._writes -= 1
-                if not self._writes and self._waiting:
-                    self._condition.notify_all()
+                if me in self._writers:  # not taken away by the rescuer
+                    self._writers.discard(me)
+                    self._writes -= 1
+                    if not self._writes and self._waiting:
+                        self._condition.notify_all()
 
 
 class _Exclusive:
@@ -88,7 +126,7 @@ class _Exclusive:
         self._lock._enter_exclusive()
 
     def __exit__(self, *_: object) -> None:
-        self._lock._condition.release()
+        self._lock._leave_exclusive()
 
 
 class _Released:
@@ -100,7 +138,7 @@ class _Released:
         self._lock = lock
 
     def __enter__(self) -> None:
-        self._lock._condition.release()
+        self._lock._leave_exclusive()
 
     def __exit__(self, *_: object) -> None:
         self._lock._enter_exclusive()

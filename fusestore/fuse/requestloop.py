@@ -27,6 +27,10 @@ The loop:
   batches, at most every ``_FORGET_BATCH_MS``, so that a program whose unlink
   causes a forget does not have to wake this thread on another CPU for it.
 
+Requests are read by a thread of the loop's own, not by the caller of
+:meth:`RequestLoop.run`: a request stuck in a hung datadir can take that
+thread with it, and the rescuer (``rescue.py``) then starts another.
+
 It ends when the mount goes away (``umount``: the device answers ENODEV) or
 when :meth:`RequestLoop.stop` is called (a signal).
 """
@@ -40,11 +44,13 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 
 from fusestore.fuse import protocol as p
 from fusestore.fuse import uring
 from fusestore.fuse.handlers import Operations
 from fusestore.fuse.requestlock import RequestLock
+from fusestore.fuse.rescue import Abandoned, Flight, Rescuer, forget_abandonment
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +60,14 @@ _BUFFER_SIZE = MAX_WRITE + 64 * 1024
 _MAX_BACKGROUND = 64
 _FORGET_BATCH_MS = 20
 # Ring entries per CPU: requests a CPU's programs can have in flight at once
-# (each entry holds a 1 MiB buffer, touched only when used).
-_QUEUE_DEPTH = 4
+# (each entry holds a 1 MiB buffer, touched only when used). One: the queue's
+# thread answers one request at a time anyway, and the kernel delivers a
+# request to the thread that armed its entry (task work), so entries armed by
+# a thread stuck in a hung datadir would keep their next requests from the
+# thread that takes over (rescue.py) until the datadir answers.
+_QUEUE_DEPTH = 1
+# Requests that get no answer.
+_NO_REPLY = frozenset({p.FORGET, p.BATCH_FORGET, p.INTERRUPT})
 # What the kernel still sends through /dev/fuse once the io_uring queues run.
 _NOT_FOR_QUEUES = frozenset({p.FORGET, p.BATCH_FORGET, p.INTERRUPT})
 # Expected errors that need no log line of their own.
@@ -63,6 +75,9 @@ _NOT_FOR_QUEUES = frozenset({p.FORGET, p.BATCH_FORGET, p.INTERRUPT})
 _QUIET_ERRNOS = frozenset(
     {errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.ENODATA, errno.ENXIO}
 )
+# Seconds run() waits, after stop(), for the request being answered: one
+# stuck in a hung datadir must not keep the daemon from ending.
+_STOP_GRACE = 2.0
 
 
 def fuse_device_fd() -> int | None:
@@ -94,6 +109,10 @@ class RequestLoop:
         # Requests take it exclusively (writes may overlap); so does a reload.
         self.lock = RequestLock()
         operations.outside_lock = self.lock.released
+        health = operations.pool.health
+        self.rescuer = Rescuer(self.lock, lambda: health.timeout, health.any_hung)
+        self._ended = threading.Event()
+        self._failure: BaseException | None = None
         self.busy_poll_seconds = busy_poll_us / 1e6
         self.debug = debug
         self._stopping = False
@@ -109,7 +128,8 @@ class RequestLoop:
         return len(self.queues) if alive else 0
 
     def stop(self) -> None:
-        """Make :meth:`run` return after the request it is answering, if any."""
+        """Make :meth:`run` return after the request it is answering, if any
+        (or at most ``_STOP_GRACE`` seconds later)."""
         self._stopping = True
         with contextlib.suppress(BlockingIOError):  # already woken
             os.write(self._wake_write, b"x")
@@ -120,12 +140,38 @@ class RequestLoop:
 
     def run(self) -> None:
         """Answer requests until the mount goes away or :meth:`stop` is called."""
-        thread = threading.current_thread()
-        name, thread.name = thread.name, "/dev/fuse"  # for the debug log
+        self.rescuer.start()
+        self._start_reader()
+        stopped_at = None
+        while not self._ended.wait(0.25):
+            if self._stopping:
+                stopped_at = stopped_at or time.monotonic()
+                if time.monotonic() - stopped_at > _STOP_GRACE:
+                    log.warning("ending while a request is still stuck (in a hung datadir?)")
+                    break
+        self.rescuer.stop()
+        if self._failure is not None:
+            raise self._failure
+
+    def _start_reader(self) -> None:
+        threading.Thread(target=self._reader, name="/dev/fuse", daemon=True).start()
+
+    def _reader(self) -> None:
         try:
             self._read_device()
-        finally:
-            thread.name = name
+        except Abandoned:
+            forget_abandonment()
+            return  # the rescuer started another reader
+        except BaseException as exc:
+            self._failure = exc
+        self._ended.set()
+
+    def _rescue_reader(self, flight: Flight) -> None:
+        """The rescuer gave up on the reader's request: answer it, read on in a new thread."""
+        if flight.opcode not in _NO_REPLY:
+            with contextlib.suppress(OSError):
+                self._reply_error(flight.unique, errno.EIO)
+        self._start_reader()
 
     def _read_device(self) -> None:
         os.set_blocking(self.device, False)
@@ -179,7 +225,7 @@ class RequestLoop:
         elif opcode == p.DESTROY:
             self._reply(unique, b"")
         elif opcode != p.INTERRUPT:  # interrupts need no answer: requests finish fast
-            outcome = self.respond(opcode, unique, nodeid, uid, gid, body)
+            outcome = self.respond(opcode, unique, nodeid, uid, gid, body, self._rescue_reader)
             if outcome is not None:  # None: a forget, which has no answer
                 code, payload = outcome
                 if code:
@@ -189,9 +235,22 @@ class RequestLoop:
         return opcode
 
     def respond(
-        self, opcode: int, unique: int, nodeid: int, uid: int, gid: int, body: memoryview
+        self,
+        opcode: int,
+        unique: int,
+        nodeid: int,
+        uid: int,
+        gid: int,
+        body: memoryview,
+        rescue: Callable[[Flight], None],
     ) -> tuple[int, bytes] | None:
-        """Run the handler of one request: (errno or 0, reply payload), None for no reply."""
+        """Run the handler of one request: (errno or 0, reply payload), None for no reply.
+
+        ``rescue``: how the transport answers and replaces this thread if the
+        rescuer gives up on the request (``rescue.py``); the handler runs
+        between ``rescuer.begin`` and ``rescuer.end``, inside its lock.
+        """
+        rescuer = self.rescuer
         handler = self.operations.handlers.get(opcode)
         if self.debug:
             name = p.OPCODE_NAMES.get(opcode, opcode)
@@ -204,15 +263,25 @@ class RequestLoop:
             if opcode == p.WRITE:
                 # Beside other writes; any failure is done again exclusively.
                 with contextlib.suppress(OSError):
-                    payload = self.lock.overlapping(
-                        lambda: self.operations.start_write(nodeid, body)
-                    )
+                    rescuer.begin(unique, opcode, rescue)
+                    try:
+                        payload = self.lock.overlapping(
+                            lambda: self.operations.start_write(nodeid, body)
+                        )
+                    finally:
+                        rescuer.end()
             if payload is None:
                 with self.lock.exclusive():
-                    payload = handler(nodeid, uid, gid, body)
+                    rescuer.begin(unique, opcode, rescue)
+                    try:
+                        payload = handler(nodeid, uid, gid, body)
+                    finally:
+                        rescuer.end()
         except OSError as exc:
             code = exc.errno or errno.EIO
-            if self.debug or code not in _QUIET_ERRNOS:
+            # already_logged: the pool logged its cause once (a hung datadir).
+            quiet = code in _QUIET_ERRNOS or getattr(exc, "already_logged", False)
+            if self.debug or not quiet:
                 level = logging.DEBUG if self.debug else logging.INFO
                 log.log(level, "%s: %s", p.OPCODE_NAMES[opcode], exc)
             return code, b""
@@ -222,9 +291,16 @@ class RequestLoop:
         return None if payload is None else (0, payload)
 
     def _respond_or_empty(
-        self, opcode: int, unique: int, nodeid: int, uid: int, gid: int, body: memoryview
+        self,
+        opcode: int,
+        unique: int,
+        nodeid: int,
+        uid: int,
+        gid: int,
+        body: memoryview,
+        rescue: Callable[[Flight], None],
     ) -> tuple[int, bytes]:
-        return self.respond(opcode, unique, nodeid, uid, gid, body) or (0, b"")
+        return self.respond(opcode, unique, nodeid, uid, gid, body, rescue) or (0, b"")
 
     def _start_queues(self) -> None:
         """After INIT: one queue per CPU; the kernel uses them once all are in place."""

@@ -24,8 +24,10 @@ standard library, and the handful of fields needed here do not justify one.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fusestore.fuse import protocol as p
+from fusestore.fuse.rescue import Abandoned, Flight, forget_abandonment
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +123,11 @@ def possible_cpus() -> list[int]:
     return cpus
 
 
-# Answers one request: (opcode, unique, nodeid, uid, gid, body) -> (errno or 0, reply).
-Answer = Callable[[int, int, int, int, int, memoryview], tuple[int, bytes]]
+# Answers one request: (opcode, unique, nodeid, uid, gid, body, rescue) -> (errno
+# or 0, reply); rescue: what the rescuer calls if it gives up on the request.
+Answer = Callable[
+    [int, int, int, int, int, memoryview, Callable[[Flight], None]], tuple[int, bytes]
+]
 
 
 class _Ring:
@@ -238,8 +244,17 @@ class Queue:
         self.on_failure = on_failure
         self.served = False  # the kernel routes requests here only once every queue is set
         self.entries = [_Entry(payload_size) for _ in range(depth)]
+        self._rescues = [functools.partial(self._take_over, index) for index in range(depth)]
+        self._completions: collections.deque[tuple[int, int]] = collections.deque()
+        self._failures = [0] * depth  # of each entry's registration, in a row
+        self._live = depth  # entries the kernel has not refused
         self.ring = _Ring(depth)
-        self.thread = threading.Thread(target=self._run, name=f"io_uring queue {qid}", daemon=True)
+        self.thread = self._new_thread(None)
+
+    def _new_thread(self, owed: tuple[int, int, int] | None) -> threading.Thread:
+        return threading.Thread(
+            target=self._run, args=(owed,), name=f"io_uring queue {self.qid}", daemon=True
+        )
 
     def start(self) -> None:
         self.thread.start()
@@ -251,51 +266,87 @@ class Queue:
         head = (_OP_URING_CMD, 0, 0, self.device, op, 0, address, length, 0, index)
         self.ring.push(*head, 0, commit_id, self.qid)
 
-    def _run(self) -> None:
+    def _take_over(self, index: int, flight: Flight) -> None:
+        """The rescuer (``rescue.py``) gave up on this queue's thread, stuck in
+        entry ``index``'s request: a new thread answers that request EIO and
+        serves the queue from then on; the stuck one never touches it again."""
+        memory = self.entries[index].memory
+        _, commit_id, _ = p.URING_ENT.unpack_from(memory, p.URING_ENT_IN_OUT)
+        self.thread = self._new_thread((index, flight.unique, commit_id))
+        self.thread.start()
+
+    def _run(self, owed: tuple[int, int, int] | None) -> None:
+        """Serve the queue; ``owed``: (entry, unique, commit id) of a request
+        to answer EIO first, when taking over from a stuck thread."""
         try:
             # On its CPU, the thread is woken where the request was made.
             if self.qid in os.sched_getaffinity(0):
                 os.sched_setaffinity(0, {self.qid})
-            for index in range(len(self.entries)):
-                self._command(index, p.URING_CMD_REGISTER, 0)
-            failures = [0] * len(self.entries)
-            live = len(self.entries)
-            while live:
-                self.ring.submit_and_wait()
-                for index, result in self.ring.completions():
-                    if result == 0:
-                        failures[index] = 0
-                        self.served = True
-                        self._serve(index)
-                    elif result in _MOUNT_GONE:
-                        log.debug("io_uring queue %d: the mount is gone", self.qid)
-                        return
-                    elif result in (-errno.EINTR, -errno.EAGAIN) or failures[index] < _RETRIES:
-                        # A commit the kernel could not match (its request
-                        # ended meanwhile) loses the entry: register it anew.
-                        failures[index] += 1
-                        if result not in (-errno.EINTR, -errno.EAGAIN):
-                            log.warning(
-                                "io_uring queue %d: entry %d: %s; registering it again",
-                                self.qid,
-                                index,
-                                os.strerror(-result),
-                            )
-                        self._command(index, p.URING_CMD_REGISTER, 0)
-                    else:
-                        live -= 1
-                        log.error(
-                            "io_uring queue %d: the kernel refuses entry %d: %s",
-                            self.qid,
-                            index,
-                            os.strerror(-result),
-                        )
+            if owed is None:
+                for index in range(len(self.entries)):
+                    self._command(index, p.URING_CMD_REGISTER, 0)
+            else:
+                index, unique, commit_id = owed
+                self._commit(index, unique, commit_id, errno.EIO, b"")
+            if self._serve_until_gone():
+                self.ring.close()
+                return
             log.error("io_uring queue %d has no entries left", self.qid)
+        except Abandoned:
+            forget_abandonment()
+            # Another thread serves the queue now: leave the ring to it. And
+            # do not end: the kernel cancels the ring commands a thread
+            # submitted when it ends, which would cancel requests that the
+            # entries this thread registered hold now (programs would get
+            # ECANCELED). A parked thread costs a stack.
+            threading.Event().wait()
         except Exception:
             log.exception("io_uring queue %d failed", self.qid)
-        finally:
-            self.ring.close()
+        self.ring.close()
         self.on_failure()
+
+    def _serve_until_gone(self) -> bool:
+        """Serve completions until the mount is gone (True) or no entry is left.
+
+        Completions wait in ``self._completions``, not in a local list: a
+        thread taking over from a stuck one (``_take_over``) answers those
+        the stuck one had taken from the ring but not served.
+        """
+        pending = self._completions
+        while self._live:
+            if not pending:
+                self.ring.submit_and_wait()
+                pending.extend(self.ring.completions())
+                continue
+            index, result = pending.popleft()
+            if result == 0:
+                self._failures[index] = 0
+                self.served = True
+                self._serve(index)
+            elif result in _MOUNT_GONE:
+                log.debug("io_uring queue %d: the mount is gone", self.qid)
+                return True
+            elif result in (-errno.EINTR, -errno.EAGAIN) or self._failures[index] < _RETRIES:
+                # A commit the kernel could not match (its request
+                # ended meanwhile) loses the entry: register it anew.
+                self._failures[index] += 1
+                if result not in (-errno.EINTR, -errno.EAGAIN):
+                    log.warning(
+                        "io_uring queue %d: entry %d: %s; registering it again",
+                        self.qid,
+                        index,
+                        os.strerror(-result),
+                    )
+                self._command(index, p.URING_CMD_REGISTER, 0)
+            else:
+                self._live -= 1
+                log.error(
+                    "io_uring queue %d: the kernel refuses entry %d: %s",
+                    self.qid,
+                    index,
+                    os.strerror(-result),
+                )
+        return False
 
     def _serve(self, index: int) -> None:
         entry = self.entries[index]
@@ -309,13 +360,21 @@ class Queue:
             memory[start:_PAYLOAD] = memory[p.URING_OP_IN : p.URING_OP_IN + op_size]
             body = entry.view[start : _PAYLOAD + payload_size]
             try:
-                code, reply = self.answer(opcode, unique, nodeid, uid, gid, body)
+                code, reply = self.answer(
+                    opcode, unique, nodeid, uid, gid, body, self._rescues[index]
+                )
             except Exception:  # the entry must be committed whatever happened
                 log.exception("io_uring queue %d: request %d failed", self.qid, unique)
                 code, reply = errno.EIO, b""
         else:
             log.error("io_uring: request %d has impossible sizes", unique)
             code, reply = errno.EIO, b""
+        self._commit(index, unique, commit_id, code, reply)
+
+    def _commit(self, index: int, unique: int, commit_id: int, code: int, reply: bytes) -> None:
+        """Put the answer in the entry and queue its commit (sent with the next wait)."""
+        entry = self.entries[index]
+        memory = entry.memory
         size = len(reply)
         if size > entry.payload_size:
             log.error("io_uring: a reply of %d bytes does not fit its entry", size)

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from fusestore.pool import checksums
@@ -58,7 +58,20 @@ class _Job:
 class Checksummer:
     """A queue of files to checksum, and the thread that works through it."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        hung: Callable[[str], bool] = lambda path: False,
+        read_failed: Callable[[str, OSError], None] | None = None,
+        close: Callable[[int], None] = os.close,
+    ) -> None:
+        # Whether a path is in a hung datadir (health.py): the thread then
+        # leaves the file alone rather than wait in it holding its lock,
+        # which the requests that publish, rename and unlink files need.
+        self._hung = hung
+        # Told of a file that could not be read (its datadir counts it).
+        self._read_failed = read_failed
+        # How a file read is closed (the pool's closer process, closer.py).
+        self._close = close
         self._lock = threading.Condition(threading.Lock())
         self._queue: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}  # by path: queued or being read
@@ -146,6 +159,14 @@ class Checksummer:
                 job = self._queue.popleft()
                 if job.cancelled:
                     continue
+                if self._hung(job.path):
+                    log.warning(
+                        "%s left without checksums: its datadir is hung "
+                        "('fusestore verify --fill' computes them)",
+                        job.path,
+                    )
+                    self._finish(job)
+                    continue
                 # Opened under the lock: a rename cannot slip in between the
                 # path and the descriptor; from here on the descriptor holds.
                 try:
@@ -157,12 +178,19 @@ class Checksummer:
                     continue
             try:
                 self._checksum(job, fd)
+            except OSError as exc:
+                if self._read_failed is None:
+                    log.error("cannot read %s to checksum it: %s", job.path, exc.strerror)
+                else:
+                    self._read_failed(job.path, exc)
+                with self._lock:
+                    self._finish(job)
             except Exception:
                 log.exception("checksumming %s failed", job.path)
                 with self._lock:
                     self._finish(job)
             finally:
-                os.close(fd)
+                self._close(fd)
 
     def _checksum(self, job: _Job, fd: int) -> None:
         before = os.fstat(fd)
@@ -175,7 +203,11 @@ class Checksummer:
             if job.cancelled or self._stopping:
                 self._finish(job)
                 return
-            if digests is not None and stamp == checksums.Stamp.of(after):
+            if (
+                digests is not None
+                and stamp == checksums.Stamp.of(after)
+                and not self._hung(job.path)
+            ):
                 try:
                     checksums.write_record(fd, checksums.Record(stamp, digests), job.new_file)
                 except OSError as exc:

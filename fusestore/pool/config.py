@@ -47,6 +47,9 @@ class PoolConfig:
     sync: bool = True  # fsync a new file and its directory entry before publishing it
     checksums: tuple[str, ...] = DEFAULT_CHECKSUMS  # computed for every new file; () for none
     thin_provisioning: bool = False  # blocks of zeros written to new files become holes
+    # Seconds a datadir's filesystem may leave a request unanswered before it
+    # counts as hung (``health.py``): Glance's filesystem_store_timeout.
+    datadir_timeout: float = 10.0
 
 
 def parse_datadir_spec(spec: str, base: str | None = None) -> DatadirSpec:
@@ -154,6 +157,22 @@ def parse_checksums(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(checked)
 
 
+DEFAULT_DATADIR_TIMEOUT = 10.0
+_SECONDS_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*s?\s*")
+
+
+def parse_seconds(setting: str, value: str | float) -> float:
+    """A positive number of seconds: ``10``, ``2.5``, ``"10s"``; ConfigError names the setting."""
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and _SECONDS_RE.fullmatch(value):
+        seconds = float(value.strip().rstrip("s"))
+    if seconds is None or not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{setting} {value!r} is not a positive number of seconds")
+    return seconds
+
+
 def build_pool_config(
     datadir: str | None,
     datadirs: Sequence[str] | None,
@@ -161,6 +180,7 @@ def build_pool_config(
     sync: bool = True,
     checksums: str | Iterable[str] = DEFAULT_CHECKSUMS,
     thin_provisioning: bool = False,
+    datadir_timeout: str | float = DEFAULT_DATADIR_TIMEOUT,
 ) -> PoolConfig:
     """Combine the single-datadir and list forms into one validated config."""
     if datadir is not None and datadirs:
@@ -188,4 +208,5 @@ def build_pool_config(
         sync=sync,
         checksums=parse_checksums(checksums),
         thin_provisioning=thin_provisioning,
+        datadir_timeout=parse_seconds("datadir_timeout", datadir_timeout),
     )

@@ -5,19 +5,29 @@ disk fails to mount (the mark is missing), is remounted read-only, or the
 directory vanishes. Health is measured when it matters — at each placement
 decision — so a datadir that comes back is used again at once, without a
 remount, and nothing needs a timer. Changes of state are logged loudly.
+
+A datadir whose disk fails a write (``EIO``: not a full disk, not a refusal)
+is *failing*: it takes no new files until it passes a write test that comes
+long enough after its last failed write (``health.py``). Its failed reads and
+writes are counted, for ``fusestore status``.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from fusestore.pool.checksums import supports_xattrs
 from fusestore.pool.config import ConfigError, DatadirSpec
+from fusestore.pool.nameindex import NameIndex
+from fusestore.pool.openfiles import OpenFile
 from fusestore.pool.private import PRIVATE_DIR, PrivateArea
 
 log = logging.getLogger(__name__)
@@ -30,6 +40,25 @@ class State(enum.Enum):
     MISSING = "missing"  # no mark: most likely a disk that is not mounted
     READ_ONLY = "read-only"
     VANISHED = "vanished"  # the directory itself cannot be reached
+    HUNG = "hung"  # its filesystem does not answer (health.py)
+    FAILING = "failing"  # a write failed there, and it has not passed a write test since
+
+
+# Errors that say nothing against the disk: a full one (spill-over's), the
+# caller's rights, an interrupted call, a change the filesystem refuses or
+# cannot do, a read-only filesystem (a state of its own).
+_NOT_DISK_ERRORS = frozenset(
+    {
+        *(errno.ENOSPC, errno.EFBIG, errno.EDQUOT),
+        *(errno.EACCES, errno.EPERM, errno.EINTR, errno.EAGAIN),
+        *(errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EROFS),
+    }
+)
+
+
+def is_disk_error(exc: OSError) -> bool:
+    """Whether a failed read or write says the disk failed (EIO and its kind)."""
+    return exc.errno not in _NOT_DISK_ERRORS
 
 
 @dataclass(eq=False)
@@ -47,6 +76,21 @@ class Datadir:
     # Whether its filesystem keeps user extended attributes: without them
     # files there get no checksums (and users' attributes are refused).
     xattrs: bool = True
+    # Since when (time.time()) its filesystem has not answered, while it
+    # does not (health.py); hung_at is the same moment in time.monotonic().
+    hung_since: float | None = None
+    hung_at: float = 0.0
+    # The names it may hold, for while it hangs.
+    names: NameIndex = field(default_factory=NameIndex, repr=False)
+    # Reads and writes that failed there (is_disk_error), since the mount.
+    read_errors: int = 0
+    write_errors: int = 0
+    # Since when (time.time()) it is failing (a write failed there), until it
+    # passes a write test (health.py); last_write_error: time.monotonic() of
+    # the last failed write.
+    failing_since: float | None = None
+    last_write_error: float = 0.0
+    _errors_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _logged_state: State = field(default=State.OK, repr=False)
 
     def path_of(self, name: str) -> str:
@@ -57,12 +101,54 @@ class Datadir:
         """
         return f"{self.path}/{name}"
 
+    def count_read_error(self) -> None:
+        with self._errors_lock:
+            self.read_errors += 1
+
+    def count_write_error(self, what: str) -> None:
+        """A write (``what``: of which file) failed with a disk error: count it,
+        and the datadir is failing from now on (logged when it starts)."""
+        with self._errors_lock:
+            self.write_errors += 1
+            self.last_write_error = time.monotonic()
+            if self.failing_since is not None:
+                return
+            self.failing_since = time.time()
+        log.error(
+            "datadir %s is failing: a write of %s failed; it takes no new files until it "
+            "passes a write test",
+            self.path,
+            what,
+        )
+
+    def failed_write_test(self) -> None:
+        """A write test (health.py) failed: the time without failed writes starts again."""
+        with self._errors_lock:
+            self.last_write_error = time.monotonic()
+
+    def passed_write_test(self, started: float, quiet_for: float) -> bool:
+        """A write test begun at ``started`` (time.monotonic()) passed: the datadir
+        is no longer failing if no write failed there in the ``quiet_for``
+        seconds before; whether it is healthy again now."""
+        with self._errors_lock:
+            if self.failing_since is None or started - self.last_write_error < quiet_for:
+                return False
+            self.failing_since = None
+            return True
+
     def takes_new_files(self) -> bool:
         """Healthy now (measured), and neither removed from the config nor drained."""
         return not (self.retired or self.draining) and self.assess() is State.OK
 
     def assess(self) -> State:
-        """Measure state and free space now; log a change of state."""
+        """Measure state and free space now; log a change of state.
+
+        A hung datadir is not asked: its free space stays as last measured,
+        and health.py logs its changes.
+        """
+        if self.hung_since is not None:
+            self.state = self._logged_state = State.HUNG
+            return self.state
         try:
             vfs = os.statvfs(self.path)
         except OSError:
@@ -73,10 +159,17 @@ class Datadir:
                 self.state = State.MISSING
             elif vfs.f_flag & os.ST_RDONLY:
                 self.state = State.READ_ONLY
+            elif self.failing_since is not None:
+                self.state = State.FAILING
             else:
                 self.state = State.OK
         if self.state != self._logged_state:
-            self._log_change()
+            if self._logged_state in (State.HUNG, State.FAILING):
+                self._logged_state = State.OK  # health.py said it is back
+            if self.state is State.FAILING and self._logged_state is State.OK:
+                self._logged_state = State.FAILING  # count_write_error said so
+            if self.state != self._logged_state:
+                self._log_change()
         return self.state
 
     def _log_change(self) -> None:
@@ -84,12 +177,30 @@ class Datadir:
             log.warning("datadir %s is back: it takes new files again", self.path)
         else:
             log.error(
-                "datadir %s is %s: it takes no new files until it is back%s",
+                "datadir %s is %s: it takes no new files until it %s%s",
                 self.path,
                 self.state.value,
+                "passes a write test" if self.state is State.FAILING else "is back",
                 " (is its disk mounted?)" if self.state is State.MISSING else "",
             )
         self._logged_state = self.state
+
+
+def note_failure(datadir: Datadir | None, open_file: OpenFile, kind: str, exc: OSError) -> bool:
+    """A ``kind`` ("read" or "write", fsync and fallocate included) of an open
+    file failed: if the disk failed (:func:`is_disk_error`), log it once per
+    file and kind and count it in the file's datadir, which a failed write
+    makes failing. Whether the disk failed."""
+    if not is_disk_error(exc):
+        return False
+    open_file.log_failure(kind, exc)
+    if datadir is None:
+        return True
+    if kind == "read":
+        datadir.count_read_error()
+    else:
+        datadir.count_write_error(repr(open_file.name or "(unlinked file)"))
+    return True
 
 
 def pool_files(path: str) -> Iterator[tuple[str, os.stat_result]]:
@@ -164,10 +275,12 @@ def mark_and_sweep(datadirs: Sequence[Datadir]) -> None:
     this pool has lost its disk (or its mark): it is left alone and takes no
     new files. Any other unmarked datadir is new to the pool and gets marked.
     """
-    marks = {datadir.path: datadir.private.read_mark() for datadir in datadirs}
-    known = {member for mark in marks.values() if mark for member in mark.members}
     members = tuple(sorted(datadir.path for datadir in datadirs))
-    for datadir in datadirs:
+    # A hung datadir (health.py) is not asked: a reload must not wait with it.
+    answering = [datadir for datadir in datadirs if datadir.hung_since is None]
+    marks = {datadir.path: datadir.private.read_mark() for datadir in answering}
+    known = {member for mark in marks.values() if mark for member in mark.members}
+    for datadir in answering:
         mark = marks[datadir.path]
         if mark is None and datadir.path in known:
             datadir.assess()  # logs that it is missing

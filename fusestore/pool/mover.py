@@ -194,8 +194,17 @@ def _being_written(open_file: OpenFile | None) -> bool:
     return open_file is not None and (open_file.new or open_file.has_writer())
 
 
+def _skip_if_hung(*datadirs: Datadir) -> None:
+    """Under the request lock, a hung datadir (``health.py``) is not asked: it
+    would hold the lock, and every request, for as long as it is silent."""
+    for datadir in datadirs:
+        if datadir.hung_since is not None:
+            raise MoveSkipped(f"{datadir.path} is hung")
+
+
 def prepare(pool: Pool, name: str, source: Datadir, target: Datadir) -> MoveWork:
     """Step 1, under the request lock: MoveSkipped if the file cannot move now."""
+    _skip_if_hung(source, target)
     if _being_written(pool.open_file(name)):
         raise MoveSkipped("it is open for writing")
     others = [c.datadir.path for c in pool.copies(name) if c.datadir not in (source, target)]
@@ -233,6 +242,7 @@ def finish(pool: Pool, work: MoveWork) -> None:
     of milliseconds per GiB.
     """
     name, source_path = work.name, work.source_path
+    _skip_if_hung(work.source, work.target)
     try:
         now = os.stat(source_path, follow_symlinks=False)
     except FileNotFoundError:
@@ -252,8 +262,10 @@ def finish(pool: Pool, work: MoveWork) -> None:
             raise MoveSkipped(f"{work.target.path} holds another file of that name") from None
     if pool.sync:
         sync_directory(work.target.path)
+    work.target.names.add(name)
     pool.checksummer.cancel(source_path)
     os.unlink(source_path)
+    work.source.names.remove(name)
     if pool.sync:
         sync_directory(work.source.path)
     if open_file is not None and open_file.path == source_path:

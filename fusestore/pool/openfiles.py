@@ -37,7 +37,8 @@ class OpenFile:
     place in the pool any more; a new file in that state is discarded at
     close. ``path`` is ``None`` when no path reaches the bytes any more.
     ``error`` is the errno of a failed write to a new file: such a file is
-    removed at close instead of being published.
+    removed at close instead of being published. ``failed``: the kinds of
+    request ("read", "write") that failed on it and were logged, once each.
     """
 
     name: str | None
@@ -47,6 +48,7 @@ class OpenFile:
     dirty: bool = False  # written since the last fsync
     error: int | None = None
     handles: set[Handle] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
 
     def detach(self) -> None:
         """Forget the name: the directory entry is gone (a new file keeps its hidden path)."""
@@ -61,7 +63,23 @@ class OpenFile:
         """
         if self.new and exc.errno != errno.EACCES:
             self.error = self.error or exc.errno
-            log.error("write to new file %r failed: %s", self.name, exc)
+            if "write" not in self.failed:
+                self.failed.add("write")
+                log.error("write to new file %r failed: %s", self.name, exc)
+
+    def log_failure(self, kind: str, exc: OSError) -> None:
+        """Log a failed ``kind`` ("read", "write") of the file's datadir, once
+        per file and kind: a program may retry a bad block many times."""
+        if kind in self.failed:
+            return
+        self.failed.add(kind)
+        log.error(
+            "datadir %s: %s of %r failed: %s",
+            self.datadir,
+            kind,
+            self.name or "(unlinked file)",
+            exc.strerror or exc,
+        )
 
     def has_writer(self, besides: Handle | None = None) -> bool:
         """Whether a handle (other than ``besides``) may write to the file."""

@@ -12,11 +12,12 @@ by the first datadir in priority order that holds it; ``unlink`` removes
 every copy; ``rename`` renames every copy and removes the target's copies
 elsewhere.
 
-Writing (README, "How it behaves": *Crash-safe publication*, *Spill-over*): a
-new file is written under a hidden name in its datadir's private area and
-published under its name when its last handle closes (``publish.py``). A
-write that finds its datadir full moves the file, bytes and handles, to the
-best other datadir and goes on there (``spillover.py``). A listing is one
+Writing (README, "How it behaves": *Crash-safe publication*, *Spill-over*,
+*Failing datadirs*): a new file is written under a hidden name in its
+datadir's private area and published under its name when its last handle
+closes (``publish.py``). A write that finds its datadir full, or failing
+(EIO), moves the file, bytes and handles, to the best other datadir and goes
+on there (``spillover.py``). A listing is one
 snapshot of every datadir (``snapshot.py``); ``statfs`` adds up their
 filesystems (``space.py``).
 """
@@ -28,6 +29,7 @@ import logging
 import os
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,15 +38,19 @@ from typing import TypeVar
 
 from fusestore.pool import attributes, checksums, publish, snapshot, space, sparse
 from fusestore.pool.checksummer import Checksummer
+from fusestore.pool.closer import Closer
 from fusestore.pool.config import PoolConfig
 from fusestore.pool.datadirs import (
     Datadir,
     State,
+    is_disk_error,
     mark_and_sweep,
+    note_failure,
     open_datadirs,
     start_private_area,
 )
-from fusestore.pool.errors import failure
+from fusestore.pool.errors import expected_failure, failure
+from fusestore.pool.health import HealthWatch, catch_up
 from fusestore.pool.listing import DatadirLister
 from fusestore.pool.openfiles import BACKING_FLAGS, NEW_FILE_FLAGS, Handle, OpenFile
 from fusestore.pool.placement import DatadirSpace, choose_datadir, lookup_order
@@ -58,6 +64,9 @@ from fusestore.pool.spillover import (
 )
 
 log = logging.getLogger(__name__)
+
+# Seconds stop() waits for the datadirs to let go of the daemon's private areas.
+_STOP_WAIT = 2.0
 
 T = TypeVar("T")
 
@@ -113,15 +122,29 @@ class Pool:
         self.sync = config.sync
         self.algorithms = config.checksums
         self.thin = config.thin_provisioning
-        self.checksummer = Checksummer()
+        # Closes backing files outside the daemon (``closer.py``).
+        self.closer = Closer()
+        self.checksummer = Checksummer(
+            hung=self._in_hung_datadir,
+            read_failed=self._checksum_read_failed,
+            close=self.closer.close,
+        )
         self._open_files: dict[str, OpenFile] = {}
+        # Descriptors released while their datadir hung, by datadir path.
+        self._close_when_back: dict[str, list[int]] = {}
         self._lister = DatadirLister()
         self.name_max = space.name_limit([datadir.path for datadir in self.datadirs])
+        self.health = HealthWatch(
+            lambda: self.datadirs, config.datadir_timeout, self._datadir_hung, self._datadir_back
+        )
 
     def start(self) -> None:
-        """Mark the datadirs, sweep the leftovers of writers that crashed, start checksumming."""
+        """Mark the datadirs, sweep the leftovers of writers that crashed, start
+        checksumming and watching the datadirs' health."""
+        self.closer.start()  # first: while the daemon still has one thread
         mark_and_sweep(self.datadirs)
         self.checksummer.start()
+        self.health.start()
 
     def reconfigure(self, config: PoolConfig) -> None:
         """Apply a reloaded config at once, or raise ConfigError and change nothing.
@@ -153,13 +176,57 @@ class Pool:
         self.algorithms = config.checksums
         self.thin = config.thin_provisioning
         self.name_max = space.name_limit([datadir.path for datadir in self.datadirs])
+        self.health.timeout = config.datadir_timeout
         mark_and_sweep(self.datadirs)
 
     def stop(self) -> None:
+        """Stop the pool's threads and leave the private areas.
+
+        A datadir that does not answer within ``_STOP_WAIT`` (hung, or
+        about to be found hung) is left as it is: its incoming directory
+        stays, swept at the next start, and the closer process stays to
+        close its files once the daemon is gone (``closer.py``).
+        """
+        self.health.stop()
         self.checksummer.stop()
         self._lister.stop()
-        for datadir in self.datadirs:
-            datadir.private.stop()
+        leaving = [
+            threading.Thread(target=datadir.private.stop, args=(self.closer.close,), daemon=True)
+            for datadir in self.datadirs
+            if datadir.hung_since is None
+        ]
+        for thread in leaving:
+            thread.start()
+        deadline = time.monotonic() + _STOP_WAIT
+        for thread in leaving:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left = len(self.datadirs) - sum(not thread.is_alive() for thread in leaving)
+        if left:
+            log.warning("%d datadir(s) did not answer: their private areas are left", left)
+        else:
+            self.closer.stop()
+
+    def _datadir_hung(self, datadir: Datadir) -> None:
+        """A datadir stopped answering (``health.py``): say what that means."""
+        log.error(
+            "while datadir %s hangs, listings leave its files out, new files go elsewhere "
+            "and its names answer EIO",
+            datadir.path,
+        )
+
+    def _datadir_back(self, datadir: Datadir) -> None:
+        """A hung datadir answers again: in a thread of its own (it may hang
+        again), close what was released meanwhile and catch up on what could
+        not be checked (``health.catch_up``)."""
+        released = self._close_when_back.pop(datadir.path, [])
+        others = [d for d in self.datadirs if d is not datadir and d.hung_since is None]
+
+        def catch_up_now() -> None:
+            for fd in released:
+                self.closer.close(fd)
+            catch_up(datadir, others)
+
+        threading.Thread(target=catch_up_now, name=f"catch up {datadir.path}", daemon=True).start()
 
     def check_new_name(self, name: str) -> None:
         """Refuse a name the pool could not publish: before any byte is written."""
@@ -178,6 +245,8 @@ class Pool:
 
     def _reachable_datadirs(self) -> Iterator[tuple[Datadir, os.stat_result]]:
         for datadir in self.datadirs:
+            if datadir.hung_since is not None:
+                continue
             try:
                 yield datadir, os.stat(datadir.path)
             except OSError:
@@ -224,9 +293,12 @@ class Pool:
         """The regular files called ``name``, winner first; the datadirs that hold
         something else of that name are added to ``foreign``, if given.
 
-        A generator so that locate() stops at the first hit.
+        A generator so that locate() stops at the first hit. Hung datadirs
+        are not asked (see :meth:`refuse_if_hung_may_hold`).
         """
         for datadir in self.datadirs:
+            if datadir.hung_since is not None:
+                continue
             path = datadir.path_of(name)
             try:
                 st = os.stat(path, follow_symlinks=False)
@@ -247,10 +319,40 @@ class Pool:
         """The copy that reads see, or ENOENT."""
         for copy in self._iter_copies(name):
             return copy
+        self.refuse_if_hung_may_hold(name)
         raise failure(errno.ENOENT, name)
+
+    def refuse_if_hung_may_hold(self, name: str) -> None:
+        """EIO if a hung datadir may hold ``name`` (its name index says so).
+
+        The pool cannot answer for such a name: not ENOENT (the file may be
+        there), not a new file of that name (it would be a second copy), not
+        an unlink or rename (the copy there would come back with the datadir).
+        """
+        for datadir in self.datadirs:
+            if datadir.hung_since is not None and datadir.names.may_hold(name):
+                raise expected_failure(
+                    errno.EIO, f"{name!r} may be in datadir {datadir.path}, which is hung"
+                )
+
+    def _in_hung_datadir(self, path: str) -> bool:
+        return any(
+            datadir.hung_since is not None and path.startswith(datadir.path + "/")
+            for datadir in self.datadirs
+        )
+
+    def _refuse_if_hung(self, open_file: OpenFile) -> None:
+        """EIO for a request on a file open in a hung datadir: asking would wait with it."""
+        datadir = self._datadir_by_path.get(open_file.datadir)
+        if datadir is not None and datadir.hung_since is not None:
+            raise expected_failure(
+                errno.EIO, f"{open_file.name!r} is in datadir {datadir.path}, which is hung"
+            )
 
     def stat(self, name: str) -> os.stat_result:
         open_file = self._open_files.get(name)
+        if open_file is not None:
+            self._refuse_if_hung(open_file)
         if open_file is not None and (open_file.new or open_file.path is None):
             return os.fstat(open_file.any_fd())
         if open_file is not None:
@@ -266,7 +368,10 @@ class Pool:
         (see :func:`fusestore.pool.snapshot.list_names`); the files being
         written come last."""
         being_written = [os.fsencode(name) for name, f in self._open_files.items() if f.new]
-        paths = [datadir.path for datadir in self.datadirs]
+        # A hung datadir's names are left out (its hang was logged with that).
+        paths = [datadir.path for datadir in self.datadirs if datadir.hung_since is None]
+        if not paths:
+            raise failure(errno.EIO, "every datadir is hung")
         return snapshot.list_names(paths, being_written, self._lister, each)
 
     # -------------------------------------------------------------- placement
@@ -323,6 +428,7 @@ class Pool:
             if flags & os.O_EXCL:
                 raise failure(errno.EEXIST, name)
             return self.open(name, flags)
+        self.refuse_if_hung_may_hold(name)
         datadir = self._free_datadir_for(name, frozenset(foreign))
         start_private_area(datadir)
         path = datadir.private.new_incoming_path()
@@ -394,6 +500,21 @@ class Pool:
         open_file.handles.add(handle)
         return handle
 
+    # ---------------------------------------------------------------- reading
+
+    def read(self, handle: Handle, offset: int, size: int) -> bytes:
+        """A read the daemon answers (not one the kernel does in passthrough);
+        a failed one is logged once per file and counted in its datadir."""
+        try:
+            return handle.read(offset, size)
+        except OSError as exc:
+            self._failed(handle.open_file, "read", exc)
+            raise
+
+    def _failed(self, open_file: OpenFile, kind: str, exc: OSError) -> bool:
+        """``note_failure`` in the file's datadir: whether the disk failed."""
+        return note_failure(self._datadir_by_path.get(open_file.datadir), open_file, kind, exc)
+
     # ---------------------------------------------------------------- writing
 
     def start_write(self, handle: Handle, offset: int, data: bytes) -> Callable[[], int] | None:
@@ -407,6 +528,7 @@ class Pool:
         if handle.published_early:
             return None
         open_file = handle.open_file
+        self._refuse_if_hung(open_file)
 
         def work() -> int:
             written = self._put(handle, offset, data)
@@ -417,6 +539,7 @@ class Pool:
 
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
         """Write all of ``data``, moving the file to another datadir if its own is full."""
+        self._refuse_if_hung(handle.open_file)
         if handle.published_early:
             self._take_back(handle)
         return self._until_it_fits(
@@ -430,9 +553,18 @@ class Pool:
             return sparse.write_thin(handle.fd, offset, memoryview(data))
         return handle.write(offset, data)
 
-    def _until_it_fits(self, handle: Handle, end: int, change: Callable[[], T]) -> T:
+    def _until_it_fits(
+        self, handle: Handle, end: int, change: Callable[[], T], own: bool = True
+    ) -> T:
         """Make a change that needs space, moving the file to another datadir
-        whenever its own is full (*Spill-over*); ``end``: the size it needs."""
+        whenever its own is full (*Spill-over*); ``end``: the size it needs.
+
+        A disk error (EIO) makes the datadir failing; a new file then moves
+        to another datadir, bytes so far and handles, as a full one would,
+        unless they cannot be read back: then bytes were lost, and the change
+        fails. ``own``: the change reads nothing but the file (a copy from
+        another file may fail in that one's disk: then nothing is told).
+        """
         open_file = handle.open_file
         tried: set[str] = set()
         while True:
@@ -441,22 +573,40 @@ class Pool:
                 open_file.dirty = True
                 return result
             except OSError as exc:
-                if exc.errno not in NO_ROOM:
-                    if exc.errno not in _NOT_DONE:
-                        open_file.note_write_error(exc)
-                    raise
+                failed = exc
+            if failed.errno in NO_ROOM:
+                why = "full"
+            elif own and self._failed(open_file, "write", failed):
+                if not open_file.new or open_file.error is not None:
+                    open_file.note_write_error(failed)
+                    raise failed
+                why = "failing"
+            else:
+                if failed.errno not in _NOT_DONE:
+                    open_file.note_write_error(failed)
+                raise failed
             tried.add(open_file.datadir)
-            needed = max(os.fstat(handle.fd).st_size, end)
             try:
-                move_to_another_datadir(open_file, needed, tried, self.choose_datadir_for)
+                needed = max(os.fstat(handle.fd).st_size, end)
+                move_to_another_datadir(open_file, needed, tried, self.choose_datadir_for, why)
             except OSError as exc:
-                open_file.note_write_error(exc)
-                raise
+                if why == "full":
+                    open_file.note_write_error(exc)
+                    raise
+                log.error(
+                    "cannot move %r off failing datadir %s: %s; its write fails",
+                    open_file.name or "(unlinked file)",
+                    open_file.datadir,
+                    exc.strerror or exc,
+                )
+                open_file.note_write_error(failed)
+                raise failed from exc
 
     # ---------------------------------------------------------- sparse files
 
     def seek(self, handle: Handle, offset: int, whence: int) -> int:
         """lseek(SEEK_DATA/SEEK_HOLE) of the backing file (ENXIO past the data)."""
+        self._refuse_if_hung(handle.open_file)
         return os.lseek(handle.fd, offset, whence)
 
     def allocate(self, handle: Handle, offset: int, length: int, mode: int) -> None:
@@ -466,7 +616,11 @@ class Pool:
         if handle.published_early:
             self._take_back(handle)
         if not sparse.allocates(mode):
-            sparse.fallocate(handle.fd, mode, offset, length)
+            try:
+                sparse.fallocate(handle.fd, mode, offset, length)
+            except OSError as exc:
+                self._failed(handle.open_file, "write", exc)
+                raise
             return
         self._place_by_size(handle.open_file, offset + length)
         self._until_it_fits(
@@ -489,6 +643,7 @@ class Pool:
             target,
             target_offset + length,
             lambda: copy_range(source.fd, target.fd, length, source_offset, target_offset),
+            own=False,
         )
 
     def _place_by_size(self, open_file: OpenFile, size: int) -> None:
@@ -539,6 +694,7 @@ class Pool:
         does not leave it half-written under its name.
         """
         open_file = handle.open_file
+        self._refuse_if_hung(open_file)
         if open_file.new and open_file.handles == {handle}:
             unlinked = open_file.name is None
             self._finish_new_file(open_file)
@@ -553,21 +709,39 @@ class Pool:
 
     def fsync(self, handle: Handle, datasync: bool) -> None:
         """fsync; for a new file, also report EEXIST if its name was taken meanwhile."""
-        handle.fsync(datasync)
+        self._refuse_if_hung(handle.open_file)
         open_file = handle.open_file
+        try:
+            handle.fsync(datasync)
+        except OSError as exc:
+            # Bytes may be lost: a new file is not published (the next
+            # fsync would not report the loss again).
+            if self._failed(open_file, "write", exc):
+                open_file.note_write_error(exc)
+            raise
         open_file.dirty = False
         if open_file.new and open_file.name is not None and self.copies(open_file.name):
             raise failure(errno.EEXIST, f"{open_file.name!r} appeared in the pool meanwhile")
 
     def release(self, handle: Handle) -> None:
-        """Close a handle; the last one publishes or discards a new file."""
+        """Close a handle; the last one publishes or discards a new file.
+
+        In a hung datadir nothing is published (close() already got EIO from
+        flush) and the descriptor stays open until the datadir answers again:
+        closing a file makes its filesystem flush it, and the kernel waits for
+        that flush without letting even an exiting thread go (a FUSE datadir).
+        """
         open_file = handle.open_file
+        hung = self._datadir_by_path[open_file.datadir].hung_since is not None
         try:
-            if open_file.new and open_file.handles == {handle}:
+            if open_file.new and open_file.handles == {handle} and not hung:
                 self._finish_new_file(open_file)
         finally:
             open_file.handles.discard(handle)
-            os.close(handle.fd)
+            if hung:
+                self._close_when_back.setdefault(open_file.datadir, []).append(handle.fd)
+            else:
+                self.closer.close(handle.fd)
             if not open_file.handles and open_file.name is not None:
                 self._forget(open_file.name, open_file)
 
@@ -587,6 +761,7 @@ class Pool:
                 self._forget(name, open_file)
             raise
         if open_file.name is not None and open_file.path is not None:
+            self._datadir_by_path[open_file.datadir].names.add(open_file.name)
             self._checksum_later(open_file.datadir, open_file.path, open_file.any_fd())
 
     # -------------------------------------------------------------- checksums
@@ -606,6 +781,17 @@ class Pool:
                 log.error("cannot store the checksums of %s: %s", path, exc.strerror)
                 return
         self.checksummer.add(path, self.algorithms, new_file=new_fd is not None)
+
+    def _checksum_read_failed(self, path: str, exc: OSError) -> None:
+        """The checksummer could not read a file: counted in its datadir."""
+        log.error(
+            "cannot read %s to checksum it: %s; it is left without checksums",
+            path,
+            exc.strerror or exc,
+        )
+        for datadir in self.datadirs:
+            if path.startswith(datadir.path + "/") and is_disk_error(exc):
+                datadir.count_read_error()
 
     def _will_change(self, path: str, target: int | str) -> None:
         """The file's bytes are about to change through the pool: a job reading
@@ -685,6 +871,8 @@ class Pool:
         """What reaches the file that reads see — its path, or a descriptor when it
         was unlinked while open — with its datadir and its open file, if any."""
         open_file = handle.open_file if handle is not None else self._open_files.get(name)
+        if open_file is not None:
+            self._refuse_if_hung(open_file)
         if open_file is not None and open_file.path is None:
             writable = [h for h in open_file.handles if h.writable]
             return (writable or list(open_file.handles))[0].fd, open_file.datadir, open_file
@@ -726,6 +914,7 @@ class Pool:
 
     def unlink(self, name: str) -> None:
         """Remove every copy, so a deleted file never returns from a lower datadir."""
+        self.refuse_if_hung_may_hold(name)
         copies = self.copies(name)
         open_file = self._open_files.get(name)
         if not copies and not (open_file is not None and open_file.new):
@@ -740,6 +929,8 @@ class Pool:
             except OSError as exc:
                 log.error("cannot remove %s: %s", copy.path, exc.strerror)
                 first_error = first_error or exc
+                continue
+            copy.datadir.names.remove(name)
         if first_error is not None:
             raise first_error
         self._detach(name)
@@ -753,6 +944,8 @@ class Pool:
         that is still being written is simply published under the new name.
         """
         self.check_new_name(new)
+        self.refuse_if_hung_may_hold(old)
+        self.refuse_if_hung_may_hold(new)
         moving = self._open_files.get(old)
         being_written = moving is not None and moving.new
         sources = [] if being_written else self.copies(old)
@@ -774,6 +967,8 @@ class Pool:
                 log.error("cannot rename shadowed copy %s: %s", source.path, exc.strerror)
                 continue
             self.checksummer.renamed(source.path, source.datadir.path_of(new))
+            source.datadir.names.remove(old)
+            source.datadir.names.add(new)
             renamed_in.add(source.datadir.path)
         for target in targets:
             if target.datadir.path not in renamed_in:
@@ -782,6 +977,8 @@ class Pool:
                     os.unlink(target.path)
                 except OSError as exc:
                     log.error("cannot remove replaced copy %s: %s", target.path, exc.strerror)
+                else:
+                    target.datadir.names.remove(new)
         self._detach(new)
         if moving is not None:
             del self._open_files[old]
@@ -811,5 +1008,7 @@ class Pool:
     # ------------------------------------------------------------------ space
 
     def space(self) -> PoolSpace:
-        """The datadirs' filesystems added up, each once (``statfs``)."""
-        return space.measure([datadir.path for datadir in self.datadirs], self.name_max)
+        """The datadirs' filesystems added up, each once (``statfs``); a hung
+        datadir is left out."""
+        answering = [datadir.path for datadir in self.datadirs if datadir.hung_since is None]
+        return space.measure(answering, self.name_max)

@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -119,14 +120,15 @@ class PrivateArea:
         os.makedirs(self.incoming, exist_ok=True)
         os.makedirs(self.kept, exist_ok=True)
 
-    def stop(self) -> None:
-        """Remove this instance's (empty) incoming directory and drop its lock."""
+    def stop(self, close: Callable[[int], None] = os.close) -> None:
+        """Remove this instance's (empty) incoming directory and drop its lock
+        (``close``: how to close its file, see ``closer.py``)."""
         with contextlib.suppress(OSError):
             os.rmdir(self.incoming)
         with contextlib.suppress(OSError):
             os.unlink(self._lock_path)
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            close(self._lock_fd)
             self._lock_fd = None
 
     def new_incoming_path(self) -> str:

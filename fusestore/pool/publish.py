@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from fusestore.pool.datadirs import Datadir
+from fusestore.pool.datadirs import Datadir, note_failure
 from fusestore.pool.errors import failure
 from fusestore.pool.openfiles import Handle, OpenFile
 from fusestore.pool.private import sync_directory
@@ -49,6 +49,7 @@ def finish_new_file(
             os.fsync(open_file.any_fd())
             open_file.dirty = False
         except OSError as exc:
+            note_failure(datadir, open_file, "write", exc)
             open_file.note_write_error(exc)
     open_file.new = False
     if open_file.error is not None:

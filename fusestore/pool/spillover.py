@@ -5,7 +5,8 @@ datadir can hold the file: its bytes are copied there in the kernel
 (``sendfile``), and every open handle's descriptor is swapped in place
 (``dup2`` keeps the number), so the writer and every other handle of the
 file notice nothing. The name never disappears: a published file is linked
-under its name in the target before the old copy goes.
+under its name in the target before the old copy goes. A new file whose
+write fails with EIO leaves its failing datadir the same way (``pool.py``).
 """
 
 from __future__ import annotations
@@ -58,18 +59,19 @@ def copy_bytes(source_fd: int, target_fd: int, size: int) -> None:
 
 
 def move_to_another_datadir(
-    open_file: OpenFile, needed: int, tried: set[str], choose: ChooseDatadir
+    open_file: OpenFile, needed: int, tried: set[str], choose: ChooseDatadir, why: str = "full"
 ) -> None:
     """Move the file to the best datadir not yet tried; ENOSPC when none can hold it.
 
     ``choose(name, needed_bytes, exclude)`` is the pool's placement, which
-    raises ENOSPC (or EROFS) when no datadir qualifies.
+    raises ENOSPC (or EROFS) when no datadir qualifies. ``why`` the file
+    leaves its datadir, for the log: "full" or "failing".
     """
     name = open_file.name or "(unlinked file)"
     while True:
         target = choose(name, needed, frozenset(tried))
         try:
-            move_open_file(open_file, target)
+            move_open_file(open_file, target, why=why)
             return
         except OSError as exc:
             if exc.errno not in NO_ROOM:
@@ -92,7 +94,9 @@ def _carry_attributes(source_fd: int, target_fd: int, name: str | None, target: 
         )
 
 
-def move_open_file(open_file: OpenFile, target: Datadir, log_move: bool = True) -> None:
+def move_open_file(
+    open_file: OpenFile, target: Datadir, log_move: bool = True, why: str = "full"
+) -> None:
     """Copy the bytes to ``target`` and swap every handle's descriptor in place.
 
     A new file stays hidden in the target's private area; a published one
@@ -132,14 +136,23 @@ def move_open_file(open_file: OpenFile, target: Datadir, log_move: bool = True) 
         os.unlink(new_path)  # published: final_path holds it; orphaned: nothing does
         open_file.path = final_path if final_path != new_path else None
     if source_path is not None:
-        os.unlink(source_path)
+        try:
+            os.unlink(source_path)
+        except OSError as exc:
+            if not open_file.new:
+                raise
+            # A failing disk: its incoming directory is swept at the next start.
+            log.error("cannot remove %s after its move: %s", source_path, exc.strerror)
+    if final_path != new_path and open_file.name is not None:
+        target.names.add(open_file.name)  # the source's index keeps it: harmless
     open_file.datadir = target.path
     if not log_move:
         return
     log.warning(
-        "moved %r (%d bytes) from full datadir %s to %s",
+        "moved %r (%d bytes) from %s datadir %s to %s",
         open_file.name or "(unlinked file)",
         st.st_size,
+        why,
         source_datadir,
         target.path,
     )

@@ -99,13 +99,15 @@ def serve(
         raise MountError(f"cannot mount {mountpoint}: no single /dev/fuse descriptor found")
     loop = RequestLoop(Operations(pool), device, busy_poll_us, debug, io_uring)
     log.info(
-        "mounted %s with datadirs %s, min_free_space %d bytes, %s, checksums %s, busy_poll %d µs",
+        "mounted %s with datadirs %s, min_free_space %d bytes, %s, checksums %s, busy_poll %d µs, "
+        "datadir_timeout %g s",
         mountpoint,
         ", ".join(f"{d.path} (priority {d.priority}, {d.state.value})" for d in pool.datadirs),
         pool.min_free_space,
         "fsync before publishing" if pool.sync else "no fsync (--no-sync)",
         "+".join(pool.algorithms) or "none",
         busy_poll_us,
+        pool.health.timeout,
     )
     unmount = True
     try:

@@ -21,12 +21,14 @@ from typing import Any
 
 from fusestore.pool.config import (
     DEFAULT_CHECKSUMS,
+    DEFAULT_DATADIR_TIMEOUT,
     ConfigError,
     PoolConfig,
     absolute_spec,
     build_pool_config,
     parse_checksums,
     parse_datadir_spec,
+    parse_seconds,
     parse_size,
     split_list,
 )
@@ -34,6 +36,7 @@ from fusestore.pool.config import (
 # name -> what the value must be, in a file or a -o option
 _STRING, _STRINGS, _SIZE, _BOOL = "a string", "a list of strings", "a size", "true or false"
 _COUNT = "a whole number"
+_SECONDS = "a positive number of seconds"
 _ALGORITHMS = "a list of checksum algorithms (or none)"
 SETTINGS: Mapping[str, str] = {
     "datadir": _STRING,
@@ -42,6 +45,7 @@ SETTINGS: Mapping[str, str] = {
     "no_sync": _BOOL,
     "checksums": _ALGORITHMS,
     "thin_provisioning": _BOOL,
+    "datadir_timeout": _SECONDS,
     "busy_poll": _COUNT,
     "no_io_uring": _BOOL,
     "metadata_file": _STRING,
@@ -79,6 +83,7 @@ class Settings:
     no_sync: bool = False
     checksums: tuple[str, ...] = DEFAULT_CHECKSUMS
     thin_provisioning: bool = False
+    datadir_timeout: float = DEFAULT_DATADIR_TIMEOUT
     busy_poll: int = DEFAULT_BUSY_POLL_US
     no_io_uring: bool = False
     metadata_file: str | None = None
@@ -94,6 +99,7 @@ class Settings:
             sync=not self.no_sync,
             checksums=self.checksums,
             thin_provisioning=self.thin_provisioning,
+            datadir_timeout=self.datadir_timeout,
         )
 
     def metadata(self) -> Any:
@@ -133,6 +139,11 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         return int(value)
     if kind == _SIZE and isinstance(value, str):
         return parse_size(value)
+    if kind == _SECONDS and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return parse_seconds(key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}{exc}") from None
     if kind == _ALGORITHMS and isinstance(value, str | list):
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}setting {key!r} must be {kind}, not {value!r}")

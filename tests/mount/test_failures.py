@@ -120,22 +120,8 @@ def test_a_healthy_faulty_datadir_serves_the_pool_as_a_plain_one(rig: FaultyPool
 # ------------------------------------------------------------- failed writes
 
 
-def test_new_file_whose_write_fails_with_eio_is_removed_at_close(rig: FaultyPool) -> None:
-    first = os.urandom(MiB)
-    fd = os.open(rig.mounted.path("image"), os.O_CREAT | os.O_WRONLY, 0o644)
-    with closed_on_failure(fd):
-        assert os.write(fd, first) == len(first)
-        rig.faulty.fail("write", INCOMING, "EIO")
-        assert errno_of(lambda: os.write(fd, os.urandom(MiB))) == errno.EIO
-    assert errno_of(lambda: os.close(fd)) == errno.EIO
-    assert "injected EIO into write" in rig.faulty.log()
-    rig.faulty.heal()
-    assert rig.on_faulty_disk() == {}
-    assert files_below(rig.other.path) == {}
-    assert errno_of(lambda: os.stat(rig.mounted.path("image"))) == errno.ENOENT
-    log = rig.mounted.log()
-    assert "ERROR write to new file 'image' failed: [Errno 5] Input/output error" in log
-    assert "removed incomplete new file 'image'" in log
+# A new file whose write fails with EIO moves to another datadir, or is
+# removed at close where its bytes cannot be read back: test_failing.py.
 
 
 def test_new_file_whose_final_fsync_fails_is_removed_and_close_reports_eio(

@@ -115,11 +115,14 @@ def test_kill_9_mid_write_leaves_no_file_under_the_name(
     mounted.process.wait(timeout=10)
     with pytest.raises(OSError) as caught:
         os.write(fd, chunk)
-    # ENOTCONN through /dev/fuse; ECONNABORTED when io_uring queues were torn down.
-    assert caught.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    # ENOTCONN through /dev/fuse; ECONNABORTED when io_uring queues were torn
+    # down; ECANCELED when the request met a queue of the dead daemon in the
+    # moment before its closer process (fusestore/pool/closer.py), the last
+    # holder of /dev/fuse, has ended too.
+    assert caught.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED)
     with pytest.raises(OSError) as caught:
         os.close(fd)  # the descriptor is released even so
-    assert caught.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    assert caught.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED)
     mounted.stop()  # fusermount3 -u of the dead mount
     assert [len(incoming_files(d)) for d in datadirs] == [1, 0]  # the crash left a hidden file
 

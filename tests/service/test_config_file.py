@@ -132,6 +132,7 @@ COVERED_SETTINGS = {
     "no_sync",
     "checksums",
     "thin_provisioning",
+    "datadir_timeout",
     "busy_poll",
     "no_io_uring",
     "metadata_file",
@@ -154,7 +155,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
         return [
             *(arg for value in pool for arg in (flag, value)),
             *("--min-free-space", "1M", "--no-sync", "--busy-poll", "7", "--no-io-uring"),
-            *("--checksums", "sha1", "--thin-provisioning"),
+            *("--checksums", "sha1", "--thin-provisioning", "--datadir-timeout", "3.5"),
             *("--metadata-file", paths["metadata_file"], "--log-file", paths["log_file"]),
             *("--debug", "-o", "allow_other"),
         ]
@@ -164,6 +165,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
             *("min_free_space=1M", "no_sync=true", "busy_poll=7", "no_io_uring=true"),
             "checksums=sha1",
             "thin_provisioning",
+            "datadir_timeout=3.5s",
             f"metadata_file={paths['metadata_file']}",
             f"log_file={paths['log_file']}",
             *("debug=true", "allow_other"),
@@ -176,6 +178,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
         no_sync=True,
         checksums=["sha1"],
         thin_provisioning=True,
+        datadir_timeout=3.5,
         busy_poll=7,
         no_io_uring=True,
         metadata_file=paths["metadata_file"],
@@ -214,13 +217,15 @@ def test_every_setting_works_in_every_form(
         assert report["min_free_space"] == 1 * MiB
         assert report["sync"] is False  # no_sync
         assert report["thin_provisioning"] is True
+        assert report["datadir_timeout"] == 3.5
         assert report["io_uring_queues"] == 0  # no_io_uring
         assert report["metadata"] == METADATA
         assert "allow_other" in mount_options(mountpoint)  # options
         (mountpoint / "image").write_bytes(b"x")
         log = log_file.read_text()  # log_file
         (mounted,) = [line for line in log.splitlines() if " INFO mounted " in line]
-        assert mounted.endswith(", no fsync (--no-sync), checksums sha1, busy_poll 7 µs"), mounted
+        ending = ", no fsync (--no-sync), checksums sha1, busy_poll 7 µs, datadir_timeout 3.5 s"
+        assert mounted.endswith(ending), mounted
         sha1 = hashlib.sha1(b"x").hexdigest()
         assert os.getxattr(mountpoint / "image", "user.fusestore.sha1").decode() == sha1
         assert " DEBUG create(" in log  # debug
