@@ -16,9 +16,10 @@ were already waiting in it (``fusestore/fuse/rescue.py``). Once the prober's
 question is answered, the datadir is back, without a remount, and what was
 skipped is caught up (``Pool.datadir_is_back``).
 
-The prober also lists its datadir now and then for the name index
-(``nameindex.py``) that lets the pool answer for a hung datadir's names: in
-its own thread, so a listing that hangs only makes the datadir hung.
+Beside each prober, an indexer thread lists the datadir at start and every
+``INDEX_INTERVAL`` for the name index (``nameindex.py``) that lets the pool
+answer for a hung datadir's names; apart from the prober's questions, so
+that listing a large datadir never counts as a question left unanswered.
 
 And it tells when a *failing* datadir (one where a write failed with EIO,
 ``datadirs.py``) is healthy again: while it is failing, the prober tests it
@@ -68,10 +69,12 @@ class Prober:
         self._stopping = stopping
         self.asking_since: float | None = None  # time.monotonic() of the open question
         self.answered_at = 0.0
-        self._listed_at: float | None = None
         self._tested_at = float("-inf")  # time.monotonic() of the last write test
         self._test_failure_logged = False
         self.thread = threading.Thread(target=self._run, name=f"prober {datadir.path}", daemon=True)
+        self.indexer = threading.Thread(
+            target=self._index, name=f"indexer {datadir.path}", daemon=True
+        )
 
     def waiting(self, now: float) -> float:
         """Seconds the current question has gone unanswered (0: none open)."""
@@ -96,15 +99,23 @@ class Prober:
             os.statvfs(path)
         except OSError:
             return  # an answer all the same: placement's assess() says what is wrong
-        now = time.monotonic()
-        self._test_if_failing(now)
-        if self._listed_at is None or now - self._listed_at >= INDEX_INTERVAL:
-            try:
-                names = regular_files(path)
-            except OSError:
+        self._test_if_failing(time.monotonic())
+
+    def _index(self) -> None:
+        """The indexer thread: list the datadir for its name index now and
+        then. Apart from the questions, so that a long listing (a million
+        names on network storage) never makes the datadir look hung."""
+        while True:
+            if self.datadir.hung_since is None:
+                started = time.monotonic()
+                try:
+                    names = regular_files(self.datadir.path)
+                except OSError:
+                    pass  # missing or failing: the next listing will tell
+                else:
+                    self.datadir.names.replace(names, listing_started=started)
+            if self._stopping.wait(INDEX_INTERVAL):
                 return
-            self.datadir.names.replace(names, listing_started=now)
-            self._listed_at = now
 
     def _test_if_failing(self, now: float) -> None:
         """While the datadir is failing, a write test when one is due (see above)."""
@@ -195,6 +206,7 @@ class HealthWatch:
                 prober = Prober(datadir, self._stopping)
                 self._probers[datadir.path] = prober
                 prober.thread.start()
+                prober.indexer.start()
 
     def _run(self) -> None:
         while not self._stopping.wait(_WATCH_INTERVAL):
