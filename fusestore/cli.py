@@ -135,6 +135,15 @@ def _add_mount_parser(commands: Any) -> None:
         "(default: off, zeros are written)",
     )
     source.add_argument(
+        "--passthrough-headroom",
+        metavar="SIZE",
+        help="an existing file opened for writing in a datadir with more than SIZE free "
+        "above the reserve is written by the kernel straight to the disk (FUSE "
+        "passthrough, as fast as the disk); a write of it that fills the datadir then gets "
+        "ENOSPC instead of moving the file to another datadir. New files always come to "
+        "fusestore. 0 turns it off (default 1G)",
+    )
+    source.add_argument(
         "--datadir-timeout",
         metavar="SECONDS",
         help="a datadir whose filesystem leaves a request unanswered this long counts as "
@@ -272,6 +281,8 @@ def _mount_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any
         overrides["min_free_space"] = parse_size(args.min_free_space)
     if args.checksums is not None:
         overrides["checksums"] = parse_checksums(args.checksums)
+    if args.passthrough_headroom is not None:
+        overrides["passthrough_headroom"] = parse_size(args.passthrough_headroom)
     if args.datadir_timeout is not None:
         overrides["datadir_timeout"] = parse_seconds("datadir_timeout", args.datadir_timeout)
     overrides["options"] = fuse_options

@@ -128,6 +128,7 @@ def collect(pool: Pool, **about: Any) -> dict[str, Any]:
         "min_free_space": pool.min_free_space,
         "sync": pool.sync,
         "thin_provisioning": pool.thin,
+        "passthrough_headroom": pool.passthrough_headroom,
         "datadir_timeout": pool.health.timeout,
         "checksums": list(getattr(pool, "algorithms", ())),
         "checksums_pending": _checksums_pending(pool),

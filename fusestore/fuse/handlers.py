@@ -8,7 +8,9 @@ payload, or raises ``OSError``, which the request loop answers with its errno
 
 How an open file's bytes travel (``open``): with FUSE passthrough (Linux 6.9+,
 root), a read-only open of a file nobody is writing is handed to the kernel,
-which then reads the backing file itself, as fast as the disk; every other
+which then reads the backing file itself, as fast as the disk, and so is a
+writable open the pool allows (``Pool.writes_pass_through``: an existing
+file in a datadir with headroom); every other
 open is ``direct_io``: its reads and writes come to the pool, which moves a
 file whose datadir fills up (README, "How it behaves": *Spill-over*), and no
 page cache of the mount can go stale. The kernel fails (EIO) an open that is
@@ -23,9 +25,10 @@ Extended attributes (``getxattr`` and friends) are the pool's
 and the pool's own ``user.fusestore.*``. A checksum still being computed is
 waited for, with the request lock released so the pool serves others
 meanwhile, for at most ``CHECKSUM_WAIT`` seconds. Since the mount answers
-``getxattr``, the kernel asks for ``security.capability`` before each write
-that does not come to the pool as direct I/O (page-cache writes without
-passthrough, writes joining a reader's passthrough); it is answered at once.
+``getxattr``, the kernel would ask for ``security.capability`` before each
+write that does not come to the pool as direct I/O (a round trip per
+passthrough write); with ``FUSE_HANDLE_KILLPRIV_V2`` the daemon clears
+setuid/setgid itself and the kernel asks once per file.
 
 The pool's calls are plain system calls made from the request thread. On the
 datadirs fusestore targets (local disks, tmpfs) they take microseconds, far
@@ -49,7 +52,7 @@ from dataclasses import dataclass
 from fusestore.fuse import protocol as p
 from fusestore.fuse.dirents import PackedListing, PackedPart
 from fusestore.fuse.inodes import ROOT_INODE, InodeTable
-from fusestore.pool.openfiles import Handle, OpenFile
+from fusestore.pool.openfiles import Handle, OpenFile, without_set_id_bits
 from fusestore.pool.pool import Pool
 from fusestore.pool.space import NAME_MAX
 
@@ -220,8 +223,14 @@ class Operations:
                 return self._handles[fh]
         raise OSError(errno.ENOENT, f"inode {inode} was unlinked")
 
-    def _new_handle(self, inode: int, handle: Handle) -> bytes:
-        """Register the handle; the fuse_open_out that tells the kernel how to do its I/O."""
+    def _new_handle(self, inode: int, handle: Handle, uid: int = 0) -> bytes:
+        """Register the handle; the fuse_open_out that tells the kernel how to do its I/O.
+
+        ``uid``: who opens it. A writer other than root whose writes go
+        through passthrough loses the file's setuid and setgid bits now: the
+        kernel leaves that to us (HANDLE_KILLPRIV_V2) and its writes will
+        never reach us (root keeps them, having CAP_FSETID).
+        """
         fh = next(self._next_fh)
         self._handles[fh] = handle
         self._handle_inodes[fh] = inode
@@ -229,7 +238,13 @@ class Operations:
             return p.OPEN_OUT.pack(fh, 0, 0)
         open_file = handle.open_file
         backing = self._backings.get(open_file)
-        if backing is None and not open_file.has_writer():
+        # A reader of a file nobody writes, or a writer the pool lets write
+        # straight to the disk (Pool.writes_pass_through), starts passthrough.
+        if (
+            backing is None
+            and not open_file.has_writer(besides=handle)
+            and (not handle.writable or self.pool.writes_pass_through(handle))
+        ):
             backing = self._register_backing(open_file, handle)
         if backing is None:
             return p.OPEN_OUT.pack(fh, p.FOPEN_DIRECT_IO, 0)
@@ -237,6 +252,8 @@ class Operations:
         # be in passthrough on the same backing file, even a writer's.
         backing.users += 1
         self._passthrough_handles[fh] = backing
+        if handle.writable and uid != 0 and handle.drop_set_id_bits():
+            self._invalidate_attributes(inode)
         # Closing a reader has nothing to publish: spare it the FLUSH round trip.
         flags = p.FOPEN_PASSTHROUGH | (0 if handle.writable else p.FOPEN_NOFLUSH)
         return p.OPEN_OUT.pack(fh, flags, backing.backing_id)
@@ -353,6 +370,12 @@ class Operations:
             atime_ns=atime_value,
             mtime_ns=mtime_value,
         )
+        if valid & p.FATTR_KILL_SUIDGID and mode_value is None:
+            # A truncate or chown by someone without CAP_FSETID (the kernel
+            # leaves this to us, HANDLE_KILLPRIV_V2): as a local filesystem.
+            kept = without_set_id_bits(st.st_mode)
+            if kept != st.st_mode:
+                st = self.pool.set_attributes(name or "", handle, mode=kept)
         return _attr_reply(inode, st)
 
     def unlink(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
@@ -405,7 +428,7 @@ class Operations:
         if inode == ROOT_INODE:
             raise OSError(errno.EISDIR, "the root is a directory")
         handle = self.pool.open(self._name_of(inode), flags)
-        return self._new_handle(inode, handle)
+        return self._new_handle(inode, handle, uid)
 
     def create(self, parent: int, uid: int, gid: int, body: memoryview) -> bytes:
         self._only_root(parent)

@@ -364,6 +364,11 @@ class RequestLoop:
             | p.MAX_PAGES
             | p.INIT_EXT
             | p.DIRECT_IO_ALLOW_MMAP
+            # We clear setuid/setgid on write, truncate and chown (WRITE_
+            # KILL_SUIDGID, FATTR_KILL_SUIDGID): the kernel then marks files
+            # it has checked as needing no check (SB_NOSEC), instead of
+            # asking for security.capability before every passthrough write.
+            | p.HANDLE_KILLPRIV_V2
         )
         if os.geteuid() == 0:  # the kernel lets only root register backing files
             wanted |= p.PASSTHROUGH

@@ -38,6 +38,10 @@ class DatadirSpec:
     priority: int = 0
 
 
+# 1 GiB: see PoolConfig.passthrough_headroom and README *Performance*.
+DEFAULT_PASSTHROUGH_HEADROOM = 1 << 30
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     """Everything the pool needs to place and find files."""
@@ -47,6 +51,10 @@ class PoolConfig:
     sync: bool = True  # fsync a new file and its directory entry before publishing it
     checksums: tuple[str, ...] = DEFAULT_CHECKSUMS  # computed for every new file; () for none
     thin_provisioning: bool = False  # blocks of zeros written to new files become holes
+    # Existing files opened for writing in a datadir with more than this free
+    # above the reserve are written by the kernel itself (FUSE passthrough):
+    # such a write that fills the datadir gets ENOSPC instead of a move.
+    passthrough_headroom: int = DEFAULT_PASSTHROUGH_HEADROOM
     # Seconds a datadir's filesystem may leave a request unanswered before it
     # counts as hung (``health.py``): Glance's filesystem_store_timeout.
     datadir_timeout: float = 10.0
@@ -158,6 +166,15 @@ def parse_checksums(value: str | Iterable[str]) -> tuple[str, ...]:
 
 
 DEFAULT_DATADIR_TIMEOUT = 10.0
+
+
+def _headroom(value: str | int) -> int:
+    headroom = parse_size(value) if isinstance(value, str) else value
+    if headroom < 0:
+        raise ConfigError(f"passthrough_headroom {value!r} is negative")
+    return headroom
+
+
 _SECONDS_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*s?\s*")
 
 
@@ -180,6 +197,7 @@ def build_pool_config(
     sync: bool = True,
     checksums: str | Iterable[str] = DEFAULT_CHECKSUMS,
     thin_provisioning: bool = False,
+    passthrough_headroom: str | int = DEFAULT_PASSTHROUGH_HEADROOM,
     datadir_timeout: str | float = DEFAULT_DATADIR_TIMEOUT,
 ) -> PoolConfig:
     """Combine the single-datadir and list forms into one validated config."""
@@ -208,5 +226,6 @@ def build_pool_config(
         sync=sync,
         checksums=parse_checksums(checksums),
         thin_provisioning=thin_provisioning,
+        passthrough_headroom=_headroom(passthrough_headroom),
         datadir_timeout=parse_seconds("datadir_timeout", datadir_timeout),
     )

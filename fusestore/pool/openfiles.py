@@ -90,6 +90,15 @@ class OpenFile:
         return next(iter(self.handles)).fd
 
 
+def without_set_id_bits(mode: int) -> int:
+    """``mode`` less setuid, and less setgid where the group may execute: what
+    a write, truncate or chown by someone without CAP_FSETID leaves."""
+    kept = mode & ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        kept &= ~stat.S_ISGID
+    return kept
+
+
 @dataclass(eq=False)
 class Handle:
     """One open of a file; ``fd`` is its backing descriptor."""
@@ -122,9 +131,7 @@ class Handle:
         The daemon writes as root, so the backing filesystem would keep them.
         """
         mode = os.fstat(self.fd).st_mode
-        kept = mode & ~stat.S_ISUID
-        if mode & stat.S_IXGRP:
-            kept &= ~stat.S_ISGID
+        kept = without_set_id_bits(mode)
         if kept == mode:
             return False
         os.fchmod(self.fd, stat.S_IMODE(kept))

@@ -122,6 +122,7 @@ class Pool:
         self.sync = config.sync
         self.algorithms = config.checksums
         self.thin = config.thin_provisioning
+        self.passthrough_headroom = config.passthrough_headroom
         # Closes backing files outside the daemon (``closer.py``).
         self.closer = Closer()
         self.checksummer = Checksummer(
@@ -175,6 +176,7 @@ class Pool:
         self.sync = config.sync
         self.algorithms = config.checksums
         self.thin = config.thin_provisioning
+        self.passthrough_headroom = config.passthrough_headroom
         self.name_max = space.name_limit([datadir.path for datadir in self.datadirs])
         self.health.timeout = config.datadir_timeout
         mark_and_sweep(self.datadirs)
@@ -493,6 +495,26 @@ class Pool:
                 raise
         self._open_files[name] = open_file
         return self._add_handle(open_file, fd, backing_flags, writable)
+
+    def writes_pass_through(self, handle: Handle) -> bool:
+        """Whether the kernel may write this handle's file straight to its
+        backing file (FUSE passthrough), the pool never seeing the writes.
+
+        Only an existing file (a new one must be published at its last close
+        and may need to move while written), not setuid or setgid (the
+        kernel writes as the daemon, which would keep those bits), in a
+        healthy datadir with more than ``passthrough_headroom`` free above the
+        reserve: a write that fills it gets ENOSPC, no spill-over.
+        """
+        open_file = handle.open_file
+        if not (handle.writable and self.passthrough_headroom) or open_file.new:
+            return False
+        datadir = self._datadir_by_path.get(open_file.datadir)
+        if datadir is None or datadir.assess() is not State.OK:
+            return False
+        if datadir.free_bytes - self.min_free_space <= self.passthrough_headroom:
+            return False
+        return not os.fstat(handle.fd).st_mode & (stat.S_ISUID | stat.S_ISGID)
 
     @staticmethod
     def _add_handle(open_file: OpenFile, fd: int, flags: int, writable: bool) -> Handle:

@@ -22,6 +22,7 @@ from typing import Any
 from fusestore.pool.config import (
     DEFAULT_CHECKSUMS,
     DEFAULT_DATADIR_TIMEOUT,
+    DEFAULT_PASSTHROUGH_HEADROOM,
     ConfigError,
     PoolConfig,
     absolute_spec,
@@ -45,6 +46,7 @@ SETTINGS: Mapping[str, str] = {
     "no_sync": _BOOL,
     "checksums": _ALGORITHMS,
     "thin_provisioning": _BOOL,
+    "passthrough_headroom": _SIZE,
     "datadir_timeout": _SECONDS,
     "busy_poll": _COUNT,
     "no_io_uring": _BOOL,
@@ -83,6 +85,7 @@ class Settings:
     no_sync: bool = False
     checksums: tuple[str, ...] = DEFAULT_CHECKSUMS
     thin_provisioning: bool = False
+    passthrough_headroom: int = DEFAULT_PASSTHROUGH_HEADROOM
     datadir_timeout: float = DEFAULT_DATADIR_TIMEOUT
     busy_poll: int = DEFAULT_BUSY_POLL_US
     no_io_uring: bool = False
@@ -99,6 +102,7 @@ class Settings:
             sync=not self.no_sync,
             checksums=self.checksums,
             thin_provisioning=self.thin_provisioning,
+            passthrough_headroom=self.passthrough_headroom,
             datadir_timeout=self.datadir_timeout,
         )
 

@@ -132,6 +132,7 @@ COVERED_SETTINGS = {
     "no_sync",
     "checksums",
     "thin_provisioning",
+    "passthrough_headroom",
     "datadir_timeout",
     "busy_poll",
     "no_io_uring",
@@ -156,6 +157,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
             *(arg for value in pool for arg in (flag, value)),
             *("--min-free-space", "1M", "--no-sync", "--busy-poll", "7", "--no-io-uring"),
             *("--checksums", "sha1", "--thin-provisioning", "--datadir-timeout", "3.5"),
+            *("--passthrough-headroom", "2G"),
             *("--metadata-file", paths["metadata_file"], "--log-file", paths["log_file"]),
             *("--debug", "-o", "allow_other"),
         ]
@@ -166,6 +168,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
             "checksums=sha1",
             "thin_provisioning",
             "datadir_timeout=3.5s",
+            "passthrough_headroom=2G",
             f"metadata_file={paths['metadata_file']}",
             f"log_file={paths['log_file']}",
             *("debug=true", "allow_other"),
@@ -179,6 +182,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
         checksums=["sha1"],
         thin_provisioning=True,
         datadir_timeout=3.5,
+        passthrough_headroom="2G",
         busy_poll=7,
         no_io_uring=True,
         metadata_file=paths["metadata_file"],
@@ -218,6 +222,7 @@ def test_every_setting_works_in_every_form(
         assert report["sync"] is False  # no_sync
         assert report["thin_provisioning"] is True
         assert report["datadir_timeout"] == 3.5
+        assert report["passthrough_headroom"] == 2 << 30
         assert report["io_uring_queues"] == 0  # no_io_uring
         assert report["metadata"] == METADATA
         assert "allow_other" in mount_options(mountpoint)  # options
