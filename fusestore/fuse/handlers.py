@@ -240,10 +240,11 @@ class Operations:
         backing = self._backings.get(open_file)
         # A reader of a file nobody writes, or a writer the pool lets write
         # straight to the disk (Pool.writes_pass_through), starts passthrough.
+        alone = open_file.handles == {handle}
         if (
             backing is None
             and not open_file.has_writer(besides=handle)
-            and (not handle.writable or self.pool.writes_pass_through(handle))
+            and (not handle.writable or (alone and self.pool.writes_pass_through(handle)))
         ):
             backing = self._register_backing(open_file, handle)
         if backing is None:
@@ -277,6 +278,7 @@ class Operations:
             if fd != handle.fd:
                 os.close(fd)
         backing = self._backings[open_file] = _Backing(open_file, backing_id)
+        open_file.in_passthrough = True
         return backing
 
     def _release_backing(self, fh: int) -> None:
@@ -287,6 +289,7 @@ class Operations:
         if backing.users:
             return
         del self._backings[backing.open_file]
+        backing.open_file.in_passthrough = False
         try:
             fcntl.ioctl(
                 self.device,  # type: ignore[arg-type]

@@ -49,6 +49,9 @@ class OpenFile:
     error: int | None = None
     handles: set[Handle] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
+    # The kernel reads and writes it through FUSE passthrough (set by the
+    # FUSE side): its backing file must stay the one the kernel was given.
+    in_passthrough: bool = False
 
     def detach(self) -> None:
         """Forget the name: the directory entry is gone (a new file keeps its hidden path)."""

@@ -596,6 +596,10 @@ class Pool:
                 return result
             except OSError as exc:
                 failed = exc
+            if failed.errno in NO_ROOM and open_file.in_passthrough:
+                # Moved, the file would leave the kernel writing to the old
+                # backing file: the ENOSPC stands (README *Spill-over*).
+                raise failed
             if failed.errno in NO_ROOM:
                 why = "full"
             elif own and self._failed(open_file, "write", failed):

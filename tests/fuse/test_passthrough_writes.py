@@ -114,3 +114,23 @@ def test_a_passthrough_writer_that_fills_the_datadir_gets_enospc(roomy: MountedP
     assert on_disk[: len(data)] == data  # the file stayed where it was
     assert not (roomy.datadirs[1].path / "grows").exists()
     assert stat.S_ISREG(os.stat(roomy.path("grows")).st_mode)
+
+
+def test_a_file_written_through_passthrough_is_never_moved_from_under_the_kernel(
+    roomy: MountedPool,
+) -> None:
+    """fallocate comes to the pool even for a passthrough file: one that
+    does not fit gets ENOSPC rather than a move, which would leave the
+    kernel writing to the old backing file."""
+    existing(roomy, "image", MiB)
+    fd = os.open(roomy.path("image"), os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as caught:
+            os.posix_fallocate(fd, 0, 110 * MiB)  # the other datadir could hold it
+        assert caught.value.errno == errno.ENOSPC
+        os.pwrite(fd, b"after", 0)
+    finally:
+        os.close(fd)
+    assert not (roomy.datadirs[1].path / "image").exists()
+    assert (roomy.datadirs[0].path / "image").read_bytes()[:5] == b"after"
+    assert roomy.path("image").read_bytes()[:5] == b"after"
