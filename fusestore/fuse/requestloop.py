@@ -327,7 +327,12 @@ class RequestLoop:
         # Spinning here now would only hold the interpreter lock that the
         # queues need.
         self.busy_poll_seconds = 0
-        log.info("io_uring: %d queues of %d entries, one per CPU", len(self.queues), _QUEUE_DEPTH)
+        log.info(
+            "io_uring: %d queues, one per CPU, of %d ring entr%s each",
+            len(self.queues),
+            _QUEUE_DEPTH,
+            "y" if _QUEUE_DEPTH == 1 else "ies",
+        )
 
     def _queue_failed(self) -> None:
         """A queue stopped while mounted.
