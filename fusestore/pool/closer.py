@@ -98,8 +98,11 @@ class Closer:
             os.write(self._write, _FD.pack(_QUIT))
         deadline = time.monotonic() + _STOP_WAIT
         while time.monotonic() < deadline:
-            if os.waitpid(self.pid, os.WNOHANG)[0]:
-                break
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                break  # already reaped
             time.sleep(0.01)
         else:
             log.warning("the closer process %d is still closing a file: left to end", self.pid)
