@@ -33,7 +33,8 @@ setuid/setgid itself and the kernel asks once per file.
 The pool's calls are plain system calls made from the request thread. On the
 datadirs fusestore targets (local disks, tmpfs) they take microseconds, far
 less than handing each one to a worker thread would cost; a slow datadir
-stalls other requests meanwhile (see docs/design.md).
+stalls other requests meanwhile, and one that stops answering is found hung
+and its stuck requests abandoned (``rescue.py``, docs/design.md).
 """
 
 from __future__ import annotations
