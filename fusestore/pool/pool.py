@@ -337,11 +337,15 @@ class Pool:
                     errno.EIO, f"{name!r} may be in datadir {datadir.path}, which is hung"
                 )
 
+    def _datadir_of(self, path: str) -> Datadir | None:
+        """The datadir holding the file at ``path`` (the deepest, should one
+        datadir lie inside another), if any."""
+        holders = [d for d in self.datadirs if path.startswith(d.path + "/")]
+        return max(holders, key=lambda d: len(d.path), default=None)
+
     def _in_hung_datadir(self, path: str) -> bool:
-        return any(
-            datadir.hung_since is not None and path.startswith(datadir.path + "/")
-            for datadir in self.datadirs
-        )
+        datadir = self._datadir_of(path)
+        return datadir is not None and datadir.hung_since is not None
 
     def _refuse_if_hung(self, open_file: OpenFile) -> None:
         """EIO for a request on a file open in a hung datadir: asking would wait with it."""
@@ -815,9 +819,9 @@ class Pool:
             path,
             exc.strerror or exc,
         )
-        for datadir in self.datadirs:
-            if path.startswith(datadir.path + "/") and is_disk_error(exc):
-                datadir.count_read_error()
+        datadir = self._datadir_of(path)
+        if datadir is not None and is_disk_error(exc):
+            datadir.count_read_error()
 
     def _will_change(self, path: str, target: int | str) -> None:
         """The file's bytes are about to change through the pool: a job reading
