@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fusestore.fuse import holders
 from fusestore.fuse import protocol as p
 from fusestore.fuse.dirents import PackedListing, PackedPart
 from fusestore.fuse.inodes import ROOT_INODE, InodeTable
@@ -147,13 +148,18 @@ class _Backing:
     open_file: OpenFile
     backing_id: int
     users: int = 0
+    creator_pid: int = 0  # for a new file: the thread that created it (holders.py)
 
 
 class Operations:
     """One flat directory (the root) whose files are the pool's files."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, mountpoint: str = "") -> None:
         self.pool = pool
+        # The mount's path as /proc/PID/fd links show it (holders.py); "" if unknown.
+        self.mountpoint = mountpoint
+        # Set by the request loop before each handler: the thread that made the request.
+        self.caller_pid = 0
         self.inodes = InodeTable()
         self._handles: dict[int, Handle] = {}
         self._handle_inodes: dict[int, int] = {}
@@ -248,6 +254,8 @@ class Operations:
             and (not handle.writable or (alone and self.pool.writes_pass_through(handle)))
         ):
             backing = self._register_backing(open_file, handle)
+            if backing is not None and open_file.new:
+                backing.creator_pid = self.caller_pid
         if backing is None:
             return p.OPEN_OUT.pack(fh, p.FOPEN_DIRECT_IO, 0)
         # The kernel wants every open of a file that is open in passthrough to
@@ -280,6 +288,8 @@ class Operations:
                 os.close(fd)
         backing = self._backings[open_file] = _Backing(open_file, backing_id)
         open_file.in_passthrough = True
+        if handle.writable:
+            open_file.kernel_writes = True
         return backing
 
     def _release_backing(self, fh: int) -> None:
@@ -440,7 +450,7 @@ class Operations:
         name = _name(p.split_name(body[p.CREATE_IN.size :]))
         handle = self.pool.create(name, mode & ~umask, uid, gid, flags)
         inode = self.inodes.remember(name)
-        return _entry(inode, handle.stat()) + self._new_handle(inode, handle)
+        return _entry(inode, handle.stat()) + self._new_handle(inode, handle, uid)
 
     def read(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
@@ -499,8 +509,20 @@ class Operations:
 
     def flush(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         (fh, *_) = p.FLUSH_IN.unpack_from(body)
-        self.pool.flush(self._handles[fh])
+        handle = self._handles[fh]
+        self.pool.flush(handle, still_open=self._still_open_elsewhere(fh, handle))
         return b""
+
+    def _still_open_elsewhere(self, fh: int, handle: Handle) -> bool:
+        """Whether a new file the kernel writes through passthrough keeps
+        descriptors after this close (holders.py): it is not published yet.
+        Other files need not know: their writes come here (publish.take_back)."""
+        backing = self._passthrough_handles.get(fh)
+        name = handle.open_file.name
+        if backing is None or not handle.open_file.new or name is None or not self.mountpoint:
+            return False
+        path = f"{self.mountpoint.rstrip('/')}/{name}"
+        return holders.still_open(path, self.caller_pid, backing.creator_pid)
 
     def fsync(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         fh, fsync_flags, _ = p.FSYNC_IN.unpack_from(body)

@@ -217,7 +217,7 @@ class RequestLoop:
 
     def _answer(self, request: memoryview) -> int:
         """Answer one request read from /dev/fuse; its opcode."""
-        _, opcode, unique, nodeid, uid, gid, _, _, _ = p.IN_HEADER.unpack_from(request)
+        _, opcode, unique, nodeid, uid, gid, pid, _, _ = p.IN_HEADER.unpack_from(request)
         body = request[p.IN_HEADER.size :]
         if opcode == p.INIT:
             self._reply(unique, self._negotiate(body))
@@ -225,7 +225,7 @@ class RequestLoop:
         elif opcode == p.DESTROY:
             self._reply(unique, b"")
         elif opcode != p.INTERRUPT:  # interrupts need no answer: requests finish fast
-            outcome = self.respond(opcode, unique, nodeid, uid, gid, body, self._rescue_reader)
+            outcome = self.respond(opcode, unique, nodeid, uid, gid, pid, body, self._rescue_reader)
             if outcome is not None:  # None: a forget, which has no answer
                 code, payload = outcome
                 if code:
@@ -241,6 +241,7 @@ class RequestLoop:
         nodeid: int,
         uid: int,
         gid: int,
+        pid: int,
         body: memoryview,
         rescue: Callable[[Flight], None],
     ) -> tuple[int, bytes] | None:
@@ -274,6 +275,7 @@ class RequestLoop:
                 with self.lock.exclusive():
                     rescuer.begin(unique, opcode, rescue)
                     try:
+                        self.operations.caller_pid = pid  # the handlers run one at a time
                         payload = handler(nodeid, uid, gid, body)
                     finally:
                         rescuer.end()
@@ -297,10 +299,11 @@ class RequestLoop:
         nodeid: int,
         uid: int,
         gid: int,
+        pid: int,
         body: memoryview,
         rescue: Callable[[Flight], None],
     ) -> tuple[int, bytes]:
-        return self.respond(opcode, unique, nodeid, uid, gid, body, rescue) or (0, b"")
+        return self.respond(opcode, unique, nodeid, uid, gid, pid, body, rescue) or (0, b"")
 
     def _start_queues(self) -> None:
         """After INIT: one queue per CPU; the kernel uses them once all are in place."""

@@ -123,10 +123,10 @@ def possible_cpus() -> list[int]:
     return cpus
 
 
-# Answers one request: (opcode, unique, nodeid, uid, gid, body, rescue) -> (errno
-# or 0, reply); rescue: what the rescuer calls if it gives up on the request.
+# Answers one request: (opcode, unique, nodeid, uid, gid, pid, body, rescue) ->
+# (errno or 0, reply); rescue: what the rescuer calls if it gives up on the request.
 Answer = Callable[
-    [int, int, int, int, int, memoryview, Callable[[Flight], None]], tuple[int, bytes]
+    [int, int, int, int, int, int, memoryview, Callable[[Flight], None]], tuple[int, bytes]
 ]
 
 
@@ -351,7 +351,7 @@ class Queue:
     def _serve(self, index: int) -> None:
         entry = self.entries[index]
         memory = entry.memory
-        length, opcode, unique, nodeid, uid, gid, *_ = p.IN_HEADER.unpack_from(memory, 0)
+        length, opcode, unique, nodeid, uid, gid, pid, *_ = p.IN_HEADER.unpack_from(memory, 0)
         _, commit_id, payload_size = p.URING_ENT.unpack_from(memory, p.URING_ENT_IN_OUT)
         op_size = length - p.IN_HEADER.size - payload_size
         op_room = p.URING_ENT_IN_OUT - p.URING_OP_IN
@@ -361,7 +361,7 @@ class Queue:
             body = entry.view[start : _PAYLOAD + payload_size]
             try:
                 code, reply = self.answer(
-                    opcode, unique, nodeid, uid, gid, body, self._rescues[index]
+                    opcode, unique, nodeid, uid, gid, pid, body, self._rescues[index]
                 )
             except Exception:  # the entry must be committed whatever happened
                 log.exception("io_uring queue %d: request %d failed", self.qid, unique)

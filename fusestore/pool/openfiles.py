@@ -49,6 +49,10 @@ class OpenFile:
     error: int | None = None
     handles: set[Handle] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
+    # A writer's bytes went straight to the backing file through FUSE
+    # passthrough (set by the FUSE side, never cleared): the pool saw neither
+    # those writes nor their errors.
+    kernel_writes: bool = False
     # The kernel reads and writes it through FUSE passthrough (set by the
     # FUSE side): its backing file must stay the one the kernel was given.
     in_passthrough: bool = False

@@ -504,14 +504,16 @@ class Pool:
         """Whether the kernel may write this handle's file straight to its
         backing file (FUSE passthrough), the pool never seeing the writes.
 
-        Only an existing file (a new one must be published at its last close
-        and may need to move while written), not setuid or setgid (the
-        kernel writes as the daemon, which would keep those bits), in a
-        healthy datadir with more than ``passthrough_headroom`` free above the
-        reserve: a write that fills it gets ENOSPC, no spill-over.
+        A file, new or existing, not setuid or setgid (the kernel writes as
+        the daemon, which would keep those bits), in a healthy datadir with
+        more than ``passthrough_headroom`` free above the reserve: a write
+        that fills it gets ENOSPC, no spill-over, and a new file that
+        announces its size is not placed by it. A new one is still published
+        at its last close (``flush``), fsynced first, and removed instead if
+        its datadir ran out of room (``publish.finish_new_file``).
         """
         open_file = handle.open_file
-        if not (handle.writable and self.passthrough_headroom) or open_file.new:
+        if not (handle.writable and self.passthrough_headroom):
             return False
         datadir = self._datadir_by_path.get(open_file.datadir)
         if datadir is None or datadir.assess() is not State.OK:
@@ -680,8 +682,8 @@ class Pool:
         """A new file nothing was written to yet announced its size (fallocate,
         ftruncate up, a copy into it): move it, cheaply, to the datadir
         placement picks for that size, so that no spill-over is needed later."""
-        if not open_file.new or open_file.name is None or size <= 0:
-            return
+        if not open_file.new or open_file.name is None or size <= 0 or open_file.in_passthrough:
+            return  # in passthrough: the kernel would go on writing the old backing file
         st = os.fstat(open_file.any_fd())
         if st.st_size or st.st_blocks:
             return
@@ -710,7 +712,7 @@ class Pool:
             self._will_change(open_file.path, handle.fd)
         publish.take_back(handle, self._datadir_by_path[open_file.datadir])
 
-    def flush(self, handle: Handle) -> None:
+    def flush(self, handle: Handle, still_open: bool = False) -> None:
         """On close(): publish a new file if this is its only handle (or drop it if unlinked).
 
         Publishing here rather than at release means the file is in its
@@ -721,11 +723,17 @@ class Pool:
         and dd open the file, dup2 it onto stdout and close the original
         before writing a byte; a forked child closes its copy at exec — the
         file goes back under its hidden name until the next close, so a crash
-        does not leave it half-written under its name.
+        does not leave it half-written under its name. A file the kernel
+        writes through passthrough cannot be taken back (no write comes
+        here): ``still_open`` says that descriptors of it remain, found by
+        the FUSE side (``fusestore/fuse/holders.py``), and it waits for a
+        later close.
         """
         open_file = handle.open_file
         self._refuse_if_hung(open_file)
-        if open_file.new and open_file.handles == {handle}:
+        if open_file.new and open_file.handles == {handle} and still_open:
+            log.debug("%r stays hidden at this close: descriptors of it remain", open_file.name)
+        elif open_file.new and open_file.handles == {handle}:
             unlinked = open_file.name is None
             self._finish_new_file(open_file)
             handle.published_early = not unlinked

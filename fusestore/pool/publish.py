@@ -5,8 +5,10 @@ the close that leaves it without other handles it is ``fsync``ed (unless
 ``no_sync``) and linked under its name — ``link`` fails rather than replace,
 so a name taken meanwhile by another program or daemon is never overwritten
 — and the datadir is ``fsync``ed. A file whose write failed is removed, as
-Glance's driver does; a file whose name was taken meanwhile, or whose link
-failed, is kept aside in ``kept/`` with its bytes whole.
+Glance's driver does; so is a file written through passthrough (the pool
+sees none of its writes, nor their errors) whose datadir is full at its
+close. A file whose name was taken meanwhile, or whose link failed, is kept
+aside in ``kept/`` with its bytes whole.
 
 These functions change only the :class:`OpenFile` and the files; the pool
 keeps its table of open files in step with what they leave behind.
@@ -44,7 +46,10 @@ def finish_new_file(
     if name is None:
         drop_hidden_name(open_file)
         return
-    if open_file.error is None and sync and open_file.dirty:
+    if open_file.error is None and open_file.kernel_writes and _out_of_room(datadir):
+        # Its writer may have got ENOSPC from the kernel, which the pool never saw.
+        open_file.note_write_error(OSError(errno.ENOSPC, "its datadir ran out of room"))
+    if open_file.error is None and sync and (open_file.dirty or open_file.kernel_writes):
         try:
             os.fsync(open_file.any_fd())
             open_file.dirty = False
@@ -74,6 +79,21 @@ def finish_new_file(
     if sync:
         sync_directory(datadir.path)
     log.debug("published %r in %s", name, datadir.path)
+
+
+# Free space below which a datadir counts as having run out of room: a write
+# refused with ENOSPC leaves less than the block it could not write.
+FULL_BELOW_BYTES = 1 << 20
+
+
+def _out_of_room(datadir: Datadir) -> bool:
+    """Whether ``datadir`` is (nearly) full: a file written through passthrough
+    may then have met ENOSPC, and must not be published as if whole."""
+    try:
+        st = os.statvfs(datadir.path)
+    except OSError:
+        return False
+    return st.f_bfree * st.f_frsize < FULL_BELOW_BYTES
 
 
 def keep_aside(open_file: OpenFile, datadir: Datadir, name: str, reason: str) -> None:

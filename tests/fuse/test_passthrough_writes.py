@@ -1,9 +1,10 @@
-"""Writes the kernel makes straight to the disk (README *Performance*,
-``--passthrough-headroom``): an existing file opened for writing in a datadir
-with more than the headroom free above the reserve is written through FUSE
-passthrough; new files, setuid files and datadirs short of the headroom keep
-every write coming to the pool (publication, spill-over). The daemon's
-``--debug`` log tells which writes reached it.
+"""Writes the kernel makes straight to the disk (README *Writes straight to
+the disk*, ``--passthrough-headroom``): a file, new or existing, opened for
+writing in a datadir with more than the headroom free above the reserve is
+written through FUSE passthrough; a new one is still published whole at its
+last close. Setuid files and datadirs short of the headroom keep every write
+coming to the pool (spill-over). The daemon's ``--debug`` log tells which
+writes reached it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,21 @@ import hashlib
 import os
 import re
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
-from tests.conftest import Datadir, MiB, MountedPool, MountFactory, TmpfsFactory, eventually
+from tests.conftest import (
+    Datadir,
+    MiB,
+    MountedPool,
+    MountFactory,
+    TmpfsFactory,
+    eventually,
+    incoming_files,
+)
 from tests.fuse.test_passthrough import Requests
 
 HEADROOM = "32M"
@@ -43,6 +55,14 @@ def existing(mounted: MountedPool, name: str, size: int) -> bytes:
     return data
 
 
+def published(mounted: MountedPool, name: str) -> bool:
+    """Whether ``name`` is under its name in a datadir and in the pool's listing
+    (its creator's kernel knows it from the start: a stat there proves nothing)."""
+    return any((datadir.path / name).exists() for datadir in mounted.datadirs) and (
+        name in os.listdir(mounted.mountpoint)
+    )
+
+
 def test_a_rewrite_with_headroom_goes_straight_to_the_disk_and_gets_new_checksums(
     roomy: MountedPool,
 ) -> None:
@@ -63,11 +83,101 @@ def test_a_rewrite_with_headroom_goes_straight_to_the_disk_and_gets_new_checksum
     ), "the checksums were not computed again after the rewrite"
 
 
-def test_a_new_file_is_always_written_through_the_pool(roomy: MountedPool) -> None:
+def test_a_new_file_with_headroom_goes_straight_to_the_disk_and_is_published_at_close(
+    roomy: MountedPool,
+) -> None:
+    data = os.urandom(4 * MiB)
     requests = Requests(roomy)
-    with open(roomy.path("new"), "wb", buffering=0) as f:
-        f.write(os.urandom(MiB))
-    assert requests.of(roomy.path("new"), "write") > 0
+    with open(roomy.path("new"), "wb") as f:
+        f.write(data)
+        assert not published(roomy, "new")  # hidden until its close
+    assert requests.of(roomy.path("new"), "write") == 0  # the kernel wrote them
+    assert (roomy.datadirs[0].path / "new").read_bytes() == data
+    assert roomy.path("new").read_bytes() == data
+    assert incoming_files(roomy.datadirs[0]) == []
+    md5 = hashlib.md5(data).hexdigest()
+    assert eventually(
+        lambda: os.getxattr(roomy.path("new"), "user.fusestore.md5").decode() == md5
+    ), "no checksums for a new file written through passthrough"
+
+
+def test_a_descriptor_left_open_after_a_close_keeps_the_new_file_hidden(
+    roomy: MountedPool,
+) -> None:
+    """The kernel's FLUSH does not say whether other descriptors remain; a
+    file written through passthrough must not be published by the close of
+    one while another still writes (fusestore/fuse/holders.py)."""
+    fd = os.open(roomy.path("dup"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    second = os.dup(fd)
+    os.close(fd)  # as a shell does before running the command: a FLUSH
+    try:
+        os.write(second, b"x" * MiB)
+        assert not published(roomy, "dup")
+    finally:
+        os.close(second)
+    assert roomy.path("dup").read_bytes() == b"x" * MiB
+
+
+def test_a_child_writing_an_inherited_descriptor_keeps_the_new_file_hidden(
+    roomy: MountedPool,
+) -> None:
+    """The creator closes its descriptor first; its child writes on and
+    closes last: the file appears only then, whole."""
+    fd = os.open(roomy.path("inherited"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, b"parent,")
+        program = f"import os, sys; sys.stdin.read(3); os.write({fd}, b'child')"
+        child = subprocess.Popen(
+            [sys.executable, "-c", program], stdin=subprocess.PIPE, pass_fds=[fd]
+        )
+    finally:
+        os.close(fd)
+    try:
+        assert not published(roomy, "inherited")
+        child.communicate(b"go\n", timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == 0
+    assert eventually(lambda: published(roomy, "inherited"))
+    assert roomy.path("inherited").read_bytes() == b"parent,child"
+
+
+def test_a_shell_redirect_written_through_passthrough_appears_whole(roomy: MountedPool) -> None:
+    """``{ …; } > file``: the shell dup2s the file onto stdout and closes
+    it, a child writes, then the shell restores stdout. Never seen in part."""
+    script = f"{{ printf first; sleep 1; printf second; }} > {roomy.path('redirected')}"
+    shell = subprocess.Popen(["sh", "-c", script])
+    try:
+        seen_early = []
+        while shell.poll() is None:
+            seen_early.append(published(roomy, "redirected"))
+            time.sleep(0.05)
+    finally:
+        shell.kill()
+    assert shell.returncode == 0
+    assert not any(seen_early[:-1])
+    assert roomy.path("redirected").read_bytes() == b"firstsecond"
+
+
+def test_a_new_passthrough_file_that_fills_its_datadir_is_not_published(
+    roomy: MountedPool,
+) -> None:
+    """Its writer meets ENOSPC (no spill-over in passthrough), and close()
+    reports it: the partial file is removed, as a failed write's would be."""
+    fd = os.open(roomy.path("huge"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with pytest.raises(OSError) as caught:
+            while True:
+                os.write(fd, b"h" * MiB)
+        assert caught.value.errno == errno.ENOSPC
+    finally:
+        with pytest.raises(OSError) as at_close:
+            os.close(fd)
+    assert at_close.value.errno == errno.ENOSPC
+    assert not roomy.path("huge").exists()
+    assert not (roomy.datadirs[1].path / "huge").exists()
+    assert incoming_files(roomy.datadirs[0]) == []
+    assert os.statvfs(roomy.datadirs[0].path).f_bfree * 4096 > 80 * MiB  # space given back
 
 
 def test_a_setuid_file_is_written_through_the_pool(roomy: MountedPool) -> None:
