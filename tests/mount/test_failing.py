@@ -17,24 +17,12 @@ import re
 import time
 from typing import Any
 
-import pytest
-
 from fusestore.admin import status
 from fusestore.pool import health
-from tests.conftest import MountFactory, TmpfsFactory, errno_of, eventually, files_below
-from tests.faulty import FaultyFactory
-from tests.mount.test_failures import INCOMING, FaultyPool, closed_on_failure, make_rig
+from tests.conftest import errno_of, eventually, files_below
+from tests.mount.conftest import INCOMING, FaultyPool, closed_on_failure
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def rig(
-    faulty_datadir: FaultyFactory,  # before mount_pool: torn down after the pool
-    tmpfs: TmpfsFactory,
-    mount_pool: MountFactory,
-) -> FaultyPool:
-    return make_rig(faulty_datadir, tmpfs, mount_pool)
 
 
 def row_of(rig: FaultyPool, which: str = "faulty") -> dict[str, Any]:

@@ -9,22 +9,17 @@ datadir holds the bytes (the private area included) and what is logged.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import (
     REPO,
-    Datadir,
-    MountedPool,
     MountFactory,
     TmpfsFactory,
     errno_of,
@@ -32,59 +27,10 @@ from tests.conftest import (
     files_below,
     is_mounted,
 )
-from tests.faulty import FaultyDatadir, FaultyFactory, waits_for_fuse
+from tests.faulty import FaultyFactory, waits_for_fuse
+from tests.mount.conftest import INCOMING, FaultyPool, closed_on_failure, make_rig
 
 MiB = 1 << 20
-
-
-@contextlib.contextmanager
-def closed_on_failure(fd: int) -> Iterator[int]:
-    """Close ``fd`` if the block fails (so the pool can unmount); the test closes
-    it otherwise, to check what close() reports."""
-    try:
-        yield fd
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        raise
-
-
-@dataclass
-class FaultyPool:
-    """A pool of a faulty datadir at priority 2 over a plain tmpfs at 1."""
-
-    faulty: FaultyDatadir
-    top: Datadir
-    other: Datadir
-    mounted: MountedPool
-
-    def on_faulty_disk(self) -> dict[str, bytes]:
-        """What the faulty datadir's disk holds, private area included, read from
-        the tmpfs beneath faultyfs (no fault applies)."""
-        return files_below(self.faulty.backing)
-
-
-def make_rig(
-    faulty_datadir: FaultyFactory,
-    tmpfs: TmpfsFactory,
-    mount_pool: MountFactory,
-    *extra_args: str,
-) -> FaultyPool:
-    faulty = faulty_datadir()
-    top, other = Datadir(faulty.path, 2), Datadir(tmpfs("other", 32), 1)
-    return FaultyPool(faulty, top, other, mount_pool([top, other], *extra_args))
-
-
-@pytest.fixture
-def rig(
-    faulty_datadir: FaultyFactory,  # before mount_pool: torn down after the pool
-    tmpfs: TmpfsFactory,
-    mount_pool: MountFactory,
-) -> FaultyPool:
-    return make_rig(faulty_datadir, tmpfs, mount_pool)
-
-
-INCOMING = ".fusestore/incoming/*"  # the hidden names of files being written
 
 
 def test_a_healthy_faulty_datadir_serves_the_pool_as_a_plain_one(rig: FaultyPool) -> None:
