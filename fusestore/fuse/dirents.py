@@ -149,6 +149,7 @@ class PackedPart:
             self.count += len(run)
             size += len(runs[-1])
         self._packed = memoryview(runs[0] if len(runs) == 1 else b"".join(runs))
+        self.size = len(self._packed)
         self._run_starts = [run.first_entry for run in self._runs]
 
     def chunk(self, position: int, size: int) -> tuple[memoryview, int]:
@@ -180,6 +181,11 @@ class PackedListing:
         self._rest = rest
         self._complete = False
         self._failure: BaseException | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes of entries held (of the parts taken in so far)."""
+        return sum(part.size for part in self._parts)
 
     def chunk(self, offset: int, size: int) -> bytes | memoryview:
         """The entries after the one whose ``off`` was ``offset`` (0: from the start).

@@ -54,6 +54,7 @@ from fusestore.fuse import holders
 from fusestore.fuse import protocol as p
 from fusestore.fuse.dirents import PackedListing, PackedPart
 from fusestore.fuse.inodes import ROOT_INODE, InodeTable
+from fusestore.pool.listing import give_back_memory
 from fusestore.pool.openfiles import Handle, OpenFile, without_set_id_bits
 from fusestore.pool.pool import Pool
 from fusestore.pool.space import NAME_MAX
@@ -75,6 +76,9 @@ PREFERRED_IO_SIZE = 1024 * 1024
 # How long a getxattr of a checksum being computed waits for it: longer than
 # a 4 GiB image takes to hash here; a longer wait answers ENODATA.
 CHECKSUM_WAIT = 10
+# A listing holding this many bytes of entries (some 60,000 names) gives its
+# memory back to the system at releasedir (see give_back_memory).
+LARGE_LISTING = 4 << 20
 
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
@@ -617,7 +621,10 @@ class Operations:
 
     def releasedir(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         (fh, *_) = p.RELEASE_IN.unpack_from(body)
-        self._listings.pop(fh, None)
+        listing = self._listings.pop(fh, None)
+        if listing is not None and listing.size >= LARGE_LISTING:
+            del listing  # the only reference: its entries are freed here
+            give_back_memory()
         return b""
 
     def statfs(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:

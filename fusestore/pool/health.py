@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -42,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from fusestore.pool.datadirs import Datadir
-from fusestore.pool.listing import regular_files
+from fusestore.pool.listing import give_back_memory, regular_file_batches, regular_files
 from fusestore.pool.openfiles import NEW_FILE_FLAGS
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,11 @@ class Prober:
         while True:
             if self.datadir.hung_since is None:
                 started = time.monotonic()
-                try:
-                    names = regular_files(self.datadir.path)
-                except OSError:
-                    pass  # missing or failing: the next listing will tell
-                else:
+                names = itertools.chain.from_iterable(regular_file_batches(self.datadir.path))
+                # Missing or failing: the next listing will tell.
+                with contextlib.suppress(OSError):
                     self.datadir.names.replace(names, listing_started=started)
+                give_back_memory()
             if self._stopping.wait(INDEX_INTERVAL):
                 return
 

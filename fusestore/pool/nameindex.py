@@ -45,8 +45,15 @@ class NameIndex:
         return self._listed
 
     def replace(self, names: Iterable[bytes], listing_started: float) -> None:
-        """Take a full listing that began at ``listing_started`` (time.monotonic)."""
-        hashes = array("q", sorted({hash(name) for name in names}))
+        """Take a full listing that began at ``listing_started`` (time.monotonic).
+
+        ``names`` is best an iterator over the datadir's reads: the names are
+        hashed as they come, so that no more than one read's worth of them is
+        alive at a time. A name's hash is in the array once per copy, which
+        ``bisect`` does not mind (a datadir holds a name once anyway).
+        """
+        hashes = array("q", map(hash, names))
+        hashes = array("q", sorted(hashes))
         with self._lock:
             self._hashes = hashes
             self._listed = True

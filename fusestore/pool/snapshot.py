@@ -75,15 +75,24 @@ def _other_parts(
 ) -> Iterator[list[bytes]]:
     """The names of the datadirs after the first, then of the files being
     written, each without the names of the datadirs before it."""
-    seen = set(first_names) if found or being_written else set()
-    for path, names in zip(paths[1:], found, strict=True):
-        usable = _usable(path, names)
-        # A name in two datadirs (a copy being moved) is listed once.
-        # Datadirs rarely share names, and a set answers that for all of
-        # them at once: only then is a datadir's list filtered name by name.
-        yield usable if seen.isdisjoint(usable) else [n for n in usable if n not in seen]
-        seen.update(usable)
-    yield [name for name in being_written if name not in seen]
+    usable = [_usable(path, names) for path, names in zip(paths[1:], found, strict=True)]
+    usable.append(being_written)
+    found.clear()  # so that each part's names are freed once it is made
+    every = [first_names, *usable]
+    # A name in two datadirs (a copy being moved) is listed once. That is
+    # rare: one set of all the names tells whether it happens at all (a
+    # million names: 85 ms), and only then are parts filtered name by name.
+    # The set is made before the first of these parts (the first part is
+    # being read meanwhile) and dropped before they are packed.
+    unique = len(set().union(*every)) == sum(map(len, every))
+    del every
+    seen = set() if unique else set(first_names)
+    del first_names
+    while usable:
+        names = usable.pop(0)
+        yield names if unique else [n for n in names if n not in seen]
+        if not unique:
+            seen.update(names)
 
 
 def _each_part(

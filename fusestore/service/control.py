@@ -93,7 +93,13 @@ async def serve_control(
 
     async def _answer(stream: trio.SocketStream) -> None:
         line = await _first_line(stream)
-        if line.strip() in (b"", b"status"):
+        if not line.strip():
+            # Nothing asked: a connection closed unused, as every starting
+            # daemon's remove_dead_sockets probes the others'. Answering it
+            # with a status would stat every file of the pool (a million
+            # files: seconds, and hundreds of MiB while it runs) for nobody.
+            return
+        if line.strip() == b"status":
             # In a thread: counting the files of a large pool reads every
             # datadir, and requests must not wait for it.
             now = {**facts, "io_uring_queues": loop.io_uring_queues}

@@ -221,6 +221,59 @@ def test_readdir_read_in_small_pieces_across_datadirs(
     assert sorted(names) == sorted(expected)
 
 
+def _entries_with_offsets(fd: int, buffer_size: int) -> list[tuple[str, int]]:
+    """(name, d_off) of every entry getdents64 returns from ``fd``'s position on."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(buffer_size)
+    entries = []
+    while (size := libc.getdents64(fd, buffer, buffer_size)) > 0:
+        data = buffer.raw[:size]
+        position = 0
+        while position < size:
+            offset = int.from_bytes(data[position + 8 : position + 16], "little", signed=True)
+            length = int.from_bytes(data[position + 16 : position + 18], "little")
+            name = data[position + 19 : position + length].split(b"\0", 1)[0]
+            entries.append((os.fsdecode(name), offset))
+            position += length
+    assert size == 0, os.strerror(ctypes.get_errno())
+    return entries
+
+
+def test_a_listing_across_three_datadirs_resumes_seeks_and_rewinds_exactly_once(
+    tmpfs: TmpfsFactory, mount_pool: MountFactory
+) -> None:
+    datadirs = [
+        Datadir(tmpfs(name, 16), priority) for name, priority in (("a", 3), ("b", 2), ("c", 1))
+    ]
+    expected = {".", ".."}
+    for index, datadir in enumerate(datadirs):
+        for i in range(1500):
+            (datadir.path / f"{'abc'[index]}-{i:05d}").touch()
+            expected.add(f"{'abc'[index]}-{i:05d}")
+    for i in range(0, 1500, 7):  # names in two datadirs, and in all three
+        (datadirs[2].path / f"b-{i:05d}").touch()
+        (datadirs[2].path / f"a-{i:05d}").touch()
+        (datadirs[1].path / f"a-{i:05d}").touch()
+    mounted = mount_pool(datadirs)
+    fd = os.open(mounted.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        # 1 KiB a call: a hundred READDIR requests, each resumed at the last
+        # offset the kernel took, across the three datadirs' parts.
+        entries = _entries_with_offsets(fd, 1024)
+        names = [name for name, _ in entries]
+        assert len(names) == len(set(names)) and set(names) == expected
+        # seekdir: from an entry's offset on, the entries after it, again.
+        middle = len(entries) // 2
+        os.lseek(fd, entries[middle][1], os.SEEK_SET)
+        assert _entries_with_offsets(fd, 1024) == entries[middle + 1 :]
+        # rewinddir: the whole listing again, every name once.
+        os.lseek(fd, 0, os.SEEK_SET)
+        again = [name for name, _ in _entries_with_offsets(fd, 4096)]
+        assert sorted(again) == sorted(names)
+    finally:
+        os.close(fd)
+
+
 def test_listed_inode_numbers_are_those_of_stat(three: MountedPool) -> None:
     top, middle, low = three.datadirs
     for datadir, name in ((top, "top"), (middle, "middle"), (low, "low"), (low, "unlooked")):
