@@ -152,7 +152,9 @@ class _Backing:
     open_file: OpenFile
     backing_id: int
     users: int = 0
-    creator_pid: int = 0  # for a new file: the thread that created it (holders.py)
+    # For a new file: the thread that created it, and when (holders.py).
+    creator_pid: int = 0
+    created: int = 0
 
 
 class Operations:
@@ -259,7 +261,7 @@ class Operations:
         ):
             backing = self._register_backing(open_file, handle)
             if backing is not None and open_file.new:
-                backing.creator_pid = self.caller_pid
+                backing.creator_pid, backing.created = self.caller_pid, holders.clock_ticks()
         if backing is None:
             return p.OPEN_OUT.pack(fh, p.FOPEN_DIRECT_IO, 0)
         # The kernel wants every open of a file that is open in passthrough to
@@ -526,7 +528,7 @@ class Operations:
         if backing is None or not handle.open_file.new or name is None or not self.mountpoint:
             return False
         path = f"{self.mountpoint.rstrip('/')}/{name}"
-        return holders.still_open(path, self.caller_pid, backing.creator_pid)
+        return holders.still_open(path, self.caller_pid, backing.creator_pid, backing.created)
 
     def fsync(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         fh, fsync_flags, _ = p.FSYNC_IN.unpack_from(body)

@@ -23,19 +23,32 @@ and written on under its name (README *Writes straight to the disk*).
 from __future__ import annotations
 
 import os
+import time
 
 # A bound on the processes searched: a creator with a huge family (a
 # long-lived shell that started thousands) must not make close() slow.
 MAX_PROCESSES = 256
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
-def still_open(path: str, closing_pid: int, creator_pid: int) -> bool:
+def clock_ticks() -> int:
+    """Now, in the unit and from the origin of a process's start time in
+    ``/proc/PID/stat``: clock ticks since boot."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS_PER_SECOND)
+
+
+def still_open(path: str, closing_pid: int, creator_pid: int, since: int = 0) -> bool:
     """Whether a process of the creator's or the closer's family has a descriptor on ``path``.
 
     ``closing_pid`` is the thread whose close(2) this is (its descriptor is
     already out of its table); ``creator_pid`` the thread that created the
     file. Either may be 0 (unknown, as for a process in a pid namespace the
-    daemon cannot see): it is then not searched.
+    daemon cannot see): it is then not searched. ``since``: when the file
+    was created (``clock_ticks``). A child started before that cannot have
+    inherited a descriptor of it, nor can its own children, so its branch
+    is left out: a program that started other programs earlier (a fusestore
+    daemon among them, with dozens of threads and descriptors) would
+    otherwise make each close of a new file 0.2-0.4 ms slower.
     """
     todo = [pid for pid in (closing_pid, creator_pid) if pid > 0]
     seen: set[int] = set()
@@ -46,8 +59,18 @@ def still_open(path: str, closing_pid: int, creator_pid: int) -> bool:
         seen.add(pid)
         if _has_descriptor_on(pid, path):
             return True
-        todo.extend(_children(pid))
+        todo.extend(child for child in _children(pid) if _started(child) >= since - 1)
     return False
+
+
+def _started(pid: int) -> int:
+    """When ``pid`` started, in clock ticks since boot; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            fields = file.read().rpartition(b")")[2].split()
+    except OSError:
+        return 0
+    return int(fields[19])  # field 22 of stat(5), counted after the name's ")"
 
 
 def _has_descriptor_on(pid: int, path: str) -> bool:
