@@ -45,13 +45,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATS = 2000  # per round: at 20,000/s a round takes 0.1 s
-ROUNDS = 3  # the best one counts: the others met a busy machine or a cold cache
 _CLIENT_TIMEOUT = 5.0  # seconds: a probe that takes this long is a failed one
 _OPTIONS = ("fsname=fusestore-probe", "subtype=fusestore-probe")
 _MNT_DETACH = 2
 
 # The client: a warm-up (the first requests pay for faulting in and waking
-# everything), then ROUNDS timed rounds; prints each round's stats per second.
+# everything), then the timed rounds; prints each round's stats per second.
 _CLIENT = """\
 import os, sys, time
 path, count, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -127,9 +126,10 @@ class _RootOnly:
 
 
 def stats_per_second(
-    io_uring: bool, busy_poll_us: int, root_stat: Callable[[], os.stat_result]
+    io_uring: bool, busy_poll_us: int, root_stat: Callable[[], os.stat_result], rounds: int = 1
 ) -> float:
-    """The best rate of ``stat`` of a probe mount's root through one transport.
+    """The best rate of ``stat`` of a probe mount's root through one transport,
+    in ``rounds`` rounds of :data:`STATS` after a warm-up.
 
     Raises :class:`ProbeError` if it cannot tell, including when io_uring was
     asked for and the kernel did not agree to it: the figure would be
@@ -145,7 +145,7 @@ def stats_per_second(
         )
         server.start()
         try:
-            rates = _time_client(directory)
+            rates = _time_client(directory, rounds)
         finally:
             loop.stop()
             server.join(_CLIENT_TIMEOUT)
@@ -169,15 +169,15 @@ def _run_catching(loop: RequestLoop, failure: list[BaseException]) -> None:
         failure.append(exc)
 
 
-def _time_client(directory: str) -> list[float]:
-    command = [sys.executable, "-I", "-S", "-c", _CLIENT, directory, str(STATS), str(ROUNDS)]
+def _time_client(directory: str, rounds: int) -> list[float]:
+    command = [sys.executable, "-I", "-S", "-c", _CLIENT, directory, str(STATS), str(rounds)]
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=_CLIENT_TIMEOUT, check=False
         )
     except subprocess.TimeoutExpired:
         raise ProbeError(
-            f"{ROUNDS} rounds of {STATS} stats took over {_CLIENT_TIMEOUT:g} s"
+            f"{rounds} rounds of {STATS} stats took over {_CLIENT_TIMEOUT:g} s"
         ) from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]

@@ -55,9 +55,9 @@ def test_the_probe_times_stats_of_its_mount_and_leaves_nothing_behind(
         asked.append(1)
         return os.stat(private_tmp)
 
-    rate = probe.stats_per_second(io_uring, 50, root_stat)
+    rate = probe.stats_per_second(io_uring, 50, root_stat, rounds=2)
     # Every stat reached the daemon (attribute timeout 0): warm-up and rounds.
-    assert len(asked) >= probe.STATS * probe.ROUNDS
+    assert len(asked) >= probe.STATS * 2
     assert 1000 < rate < 10_000_000
     assert mounts_under(private_tmp) == []
     assert os.listdir(private_tmp) == []
