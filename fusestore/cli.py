@@ -368,6 +368,12 @@ def _mount(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             log.error("reload rejected, the running settings stay: %s", exc)
             return
+        if fresh.transport != settings.transport:
+            # A mount cannot leave the io_uring queues, nor join them later.
+            log.warning(
+                "transport = %s takes effect at the next mount; this one keeps its transport",
+                fresh.transport,
+            )
         log.info(
             "reloaded %s: datadirs %s, min_free_space %d bytes, checksums %s",
             config_file,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from tests.conftest import (
     is_mounted,
     run_fusestore,
     wait_for_exit,
+    wait_for_log,
     write_config,
 )
 
@@ -186,3 +188,26 @@ def test_no_io_uring_and_transport_io_uring_in_one_source_contradict(
     result = run_fusestore("mount", "--config", str(config), str(mountpoint))
     assert result.returncode == 2
     assert "no_io_uring and transport = 'io_uring' contradict" in result.stderr
+
+
+def test_a_reload_keeps_the_transport_and_says_a_new_one_waits_for_the_next_mount(
+    tmp_path: Path, tmpfs: TmpfsFactory, mountpoint: Path
+) -> None:
+    datadir = str(tmpfs("d", 8))
+    config = write_config(tmp_path / "pool.toml", datadir=datadir, transport="devfuse")
+    log_file = tmp_path / "daemon.log"
+    args = ["mount", "--config", str(config), "--log-file", str(log_file), str(mountpoint)]
+    assert run_fusestore(*args).returncode == 0
+    try:
+        write_config(config, datadir=datadir, transport="io_uring")
+        os.kill(daemon_pid(mountpoint), signal.SIGHUP)
+        wait_for_log(log_file, "reloaded")
+        assert (
+            "WARNING transport = io_uring takes effect at the next mount; this one keeps its "
+            "transport" in log_file.read_text()
+        )
+        report = status_of(mountpoint)
+        assert (report["transport"]["chosen"], report["io_uring_queues"]) == ("devfuse", 0)
+        (mountpoint / "x").write_bytes(b"x")
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
