@@ -3,13 +3,15 @@
 Which transport answers small requests faster depends on the machine, not on
 the code (``transport.py``, docs/design.md): so before the pool is mounted,
 a *probe* filesystem — an empty root directory whose attributes may not be
-cached, so that every ``stat`` of it reaches the daemon as a GETATTR — is
-mounted on a private temporary directory and served by the very
+cached, so that every ``stat`` of it reaches the daemon as a GETATTR,
+answered with the pool's own root ``stat`` — is mounted on a temporary
+directory and served by the very
 :class:`~fusestore.fuse.requestloop.RequestLoop` the pool will use, with the
 same ``busy_poll``. Another process, not a thread of ours (a client thread
 would compete with the loop for the interpreter lock, which a real program
-does not), stats its root a few thousand times and reports the best of a
-few rounds.
+does not), stats its root :data:`STATS` times per round after a warm-up and
+reports each round's rate; ``transport.py`` takes turns between the
+transports and keeps the best round of each.
 
 It runs in the daemon's own process: pyfuse3 mounts and unmounts as often
 as asked (``init`` → ``close`` → ``init``), and the probe mount is gone, its
@@ -149,6 +151,8 @@ def stats_per_second(
         finally:
             loop.stop()
             server.join(_CLIENT_TIMEOUT)
+            if not server.is_alive():  # else it may still use the loop's pipe
+                loop.close()
         if failure:
             raise ProbeError(f"the probe's request loop failed: {failure[0]}")
         if server.is_alive():
@@ -158,7 +162,6 @@ def stats_per_second(
         if io_uring and not any(queue.served for queue in loop.queues):
             raise ProbeError("the io_uring queues answered no request")
     _join_queues(loop)
-    loop.close()
     return max(rates)
 
 
@@ -183,9 +186,12 @@ def _time_client(directory: str, rounds: int) -> list[float]:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
         raise ProbeError(f"the timing process failed (exit {done.returncode}): {last}")
     try:
-        return [float(line) for line in done.stdout.split()]
+        rates = [float(line) for line in done.stdout.split()]
     except ValueError:
-        raise ProbeError(f"the timing process said {done.stdout!r}") from None
+        rates = []
+    if len(rates) != rounds:
+        raise ProbeError(f"the timing process said {done.stdout!r}")
+    return rates
 
 
 @contextlib.contextmanager
