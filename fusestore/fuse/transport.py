@@ -25,11 +25,13 @@ from fusestore.fuse import probe, uring
 
 log = logging.getLogger(__name__)
 
-# io_uring is kept unless /dev/fuse was faster by more than this. Best-of-3
-# rates of one transport, probed back to back on the project's 2-vCPU VM,
-# differ by up to ~8% (docs/performance.md); within that, io_uring spends
-# less CPU (no busy polling) and spreads several programs' requests over
-# the CPUs instead of one thread.
+# io_uring is kept unless /dev/fuse was faster by more than this. Probes of
+# one transport back to back on the project's quiet 2-vCPU VM differ by up
+# to ~15% (66-75 k, 26-31 k stats/s; docs/performance.md), so a smaller
+# lead says little, while the differences that matter are 2-3x (that VM
+# quiet, the filer's machine). On a near-tie io_uring spends less CPU (no
+# busy polling) and answers several programs on several CPUs at once,
+# where /dev/fuse has one thread.
 NOISE = 0.10
 
 # Rounds per transport; the best counts: the others met a busier machine.
