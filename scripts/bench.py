@@ -10,10 +10,12 @@ is a rate).
 
 Targets, over the same backing datadirs (two of them, priorities 10 and 5):
   direct         the first datadir itself
-  fusestore      fusestore --no-sync (mergerfs does not fsync on close either);
-                 FUSE over io_uring where the kernel has it
+  fusestore      fusestore --no-sync (mergerfs does not fsync on close either),
+                 its default transport (auto: measured at each mount; the
+                 report lists what each mount chose and why)
   fusestore-sync fusestore with its durable default (fsync before publishing)
-  fusestore-devfuse fusestore --no-sync --no-io-uring: requests through /dev/fuse
+  fusestore-devfuse fusestore --no-sync --transport devfuse: requests through /dev/fuse
+  fusestore-io_uring fusestore --no-sync --transport io_uring: FUSE over io_uring
   mergerfs       Debian's: category.create=epmfs, minfreespace = fusestore's reserve
   mergerfs-cache the same plus cache.files=auto-full, writeback, attr/entry caching
   mergerfs-X.Y   only with --mergerfs PATH: an upstream mergerfs binary, named by
@@ -47,6 +49,7 @@ the same target (copy_file_range: through fusestore no READ or WRITE).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import functools
@@ -274,10 +277,10 @@ def mounted(
     if name.startswith("fusestore"):
         args = [*FUSESTORE, "mount", "--min-free-space", RESERVE]
         args += ["--datadirs", f"{datadirs[0]}:10", "--datadirs", f"{datadirs[1]}:5"]
-        if name in ("fusestore", "fusestore-devfuse"):
+        if name in ("fusestore", "fusestore-devfuse", "fusestore-io_uring"):
             args.append("--no-sync")
-        if name == "fusestore-devfuse":
-            args.append("--no-io-uring")
+        if name in ("fusestore-devfuse", "fusestore-io_uring"):
+            args += ["--transport", name.removeprefix("fusestore-")]
         args += options
         args += ["--log-file", str(scratch / f"{name}.log"), str(mountpoint)]
         try:
@@ -1060,6 +1063,7 @@ TARGETS = [
     "fusestore",
     "fusestore-sync",
     "fusestore-devfuse",
+    "fusestore-io_uring",
     "mergerfs",
     "mergerfs-cache",
 ]
@@ -1080,6 +1084,16 @@ def upstream_mergerfs(path: Path) -> tuple[str, str]:
     if name in TARGETS:
         raise SystemExit(f"bench: --mergerfs {path}: {name} is already a target")
     return name, first
+
+
+def transport_choices(scratch: Path) -> dict[str, int]:
+    """How often each mount of the fusestore target (the default transport,
+    auto) chose what, with the reason's figures left out: e.g.
+    ``{"io_uring: measured": 9}``."""
+    log = scratch / "fusestore.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    found = [re.search(r" INFO requests through (\S+): (\w+)", line) for line in lines]
+    return dict(collections.Counter(f"{m[1]}: {m[2]}" for m in found if m))
 
 
 def daemon_log_problems(scratch: Path, most: int = 20) -> list[str]:
@@ -1349,6 +1363,7 @@ def main() -> int:
         os.environ["BENCH_SOURCE"] = str(source)
         results = {kind: bench_backing(kind, sizes, scratch, args.only) for kind in kinds}
         problems = daemon_log_problems(scratch)
+        choices = transport_choices(scratch)
     for line in problems:
         print(f"  daemon log: {line}", file=sys.stderr)
     report = {
@@ -1365,8 +1380,12 @@ def main() -> int:
         "checksum_cost": {kind: checksum_cost(rows) for kind, rows in results.items()},
         "move_cost": {kind: move_cost(rows) for kind, rows in results.items()},
         "daemon_log_problems": problems,
+        "transport_choices": choices,
     }
     heading = f"{report['machine']}; Debian's {report['mergerfs']}"
+    heading += "; fusestore's transport at its mounts: " + (
+        ", ".join(f"{what} x{count}" for what, count in choices.items()) or "?"
+    )
     if upstream:
         heading += f"; {upstream['target']}: {upstream['version']} ({upstream['path']})"
     print(json.dumps(report, indent=2) if args.json else heading + markdown(report))

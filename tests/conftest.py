@@ -9,8 +9,10 @@ call on the mount fails with ENOTCONN instead of hanging the whole run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,21 +36,52 @@ REPO = Path(__file__).resolve().parents[1]
 TmpfsFactory = Callable[[str, int], Path]
 MountFactory = Callable[..., "MountedPool"]
 MOUNT_WAIT_SECONDS = 15
-# "devfuse": every daemon the tests start gets --no-io-uring (scripts/test's second run).
+# The transport every daemon the tests start is given explicitly, unless the
+# test names one itself: never the default "auto", whose probe would add a
+# fraction of a second to each of the suite's mounts (tests/service/
+# test_transport.py tests auto). "devfuse" (scripts/test's second run):
+# /dev/fuse; otherwise io_uring where the kernel has it.
 TRANSPORT = os.environ.get("FUSESTORE_TEST_TRANSPORT", "default")
 _COMMANDS = ("mount", "status", "check", "verify", "drain", "balance")
 WATCHDOG_SECONDS = 110  # a little under the pytest-timeout in pyproject.toml
+_TRANSPORT_KEY = re.compile(r"^\s*(transport|no_io_uring)\s*=", re.MULTILINE)
+
+
+def run_transport() -> str:
+    """The transport of this run's daemons: devfuse or io_uring."""
+    if TRANSPORT == "devfuse" or not Path("/sys/module/fuse/parameters/enable_uring").exists():
+        return "devfuse"
+    return "io_uring"
+
+
+def _names_transport(args: Sequence[str]) -> bool:
+    """Whether a mount's arguments choose the transport themselves (flags, -o,
+    or a config file that sets it)."""
+    for index, arg in enumerate(args):
+        if arg.startswith(("--transport", "--no-io-uring")):
+            return True
+        if index and args[index - 1] == "-o" and re.search(r"(^|,)(transport=|no_io_uring)", arg):
+            return True
+        config = args[index + 1] if arg == "--config" and index + 1 < len(args) else None
+        if index == 0 and arg not in _COMMANDS:
+            config = arg  # mount(8)'s SOURCE, a config file or datadirs
+        if config and os.path.isfile(config):
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                if _TRANSPORT_KEY.search(Path(config).read_text()):
+                    return True
+    return False
 
 
 def fusestore_command(*args: str) -> list[str]:
     """The fusestore CLI of the interpreter running the tests; a mount in the
-    run's transport (``FUSESTORE_TEST_TRANSPORT``)."""
+    run's transport (:func:`run_transport`) unless it names one."""
     command = [sys.executable, "-m", "fusestore", *args]
-    if TRANSPORT == "devfuse" and args and "--help" not in args:
-        if args[0] == "mount":
-            command.append("--no-io-uring")
-        elif args[0] not in _COMMANDS and not args[0].startswith("-") and len(args) >= 2:
-            command += ["-o", "no_io_uring"]  # the mount(8) form
+    if not args or "--help" in args or _names_transport(args):
+        return command
+    if args[0] == "mount":
+        command += ["--transport", run_transport()]
+    elif args[0] not in _COMMANDS and not args[0].startswith("-") and len(args) >= 2:
+        command += ["-o", f"transport={run_transport()}"]  # the mount(8) form
     return command
 
 

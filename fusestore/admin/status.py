@@ -329,6 +329,9 @@ def render_table(status: dict[str, Any]) -> str:
         f"mountpoint {status.get('mountpoint', '?')}, pid {status.get('pid', '?')}, "
         f"reserve {reserve}, {sync}, {totals['names']} names, requests through {transport}"
     )
+    chosen = status.get("transport")
+    if chosen:  # a daemon older than the transport setting does not say
+        lines.append(f"transport {chosen.get('setting')}: {chosen.get('reason')}")
     if "checksums" in status:  # a daemon older than checksums does not say
         algorithms = ", ".join(status["checksums"])
         pending = status.get("checksums_pending", 0)

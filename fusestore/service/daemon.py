@@ -22,7 +22,7 @@ import sdnotify
 import trio
 
 from fusestore.admin import status
-from fusestore.fuse import uring
+from fusestore.fuse import transport as transports
 from fusestore.fuse.handlers import Operations
 from fusestore.fuse.requestloop import RequestLoop, fuse_device_fd
 from fusestore.pool.config import escape_list_item
@@ -63,20 +63,26 @@ def serve(
     on_ready: Callable[[], None] = lambda: None,
     reload: Callable[[], None] | None = None,
     about: dict[str, Any] | None = None,
-    io_uring: bool = True,
+    transport: str = "auto",
     fsname: str = "fusestore",
 ) -> None:
     """Mount the pool and serve it until unmounted or signalled (SIGTERM, SIGINT).
 
     ``on_ready`` runs, and systemd hears READY=1, once the mount has answered
-    a request. SIGHUP calls ``reload``. With ``io_uring``, requests go through
-    FUSE over io_uring where the kernel has it (``fusestore/fuse/uring.py``). ``fsname`` is
+    a request. SIGHUP calls ``reload``. ``transport`` (auto, io_uring, devfuse)
+    says how requests reach the daemon (``fusestore/fuse/transport.py``); with
+    auto, both are timed on a probe mount first. ``fsname`` is
     the source ``mount`` shows, unless ``fuse_options`` has an ``fsname=``.
     """
     pool.start()
-    if io_uring:
-        io_uring = uring.switch_on()  # before mounting: the kernel offers it at INIT
-    facts = {"mountpoint": mountpoint, "pid": os.getpid(), **(about or {})}
+    # Before mounting: a mount cannot leave the io_uring queues once registered.
+    choice = transports.choose(transport, busy_poll_us, pool.root_stat)
+    facts = {
+        "mountpoint": mountpoint,
+        "pid": os.getpid(),
+        "transport": choice.facts(),
+        **(about or {}),
+    }
     # Before mounting: resolving the mountpoint's path afterwards would ask
     # this very daemon, which is not serving requests yet.
     for directory in {os.path.dirname(path) for path in status.socket_paths(mountpoint)}:
@@ -98,7 +104,7 @@ def serve(
         pool.stop()
         _close_status(server, server_path)
         raise MountError(f"cannot mount {mountpoint}: no single /dev/fuse descriptor found")
-    loop = RequestLoop(Operations(pool, where), device, busy_poll_us, debug, io_uring)
+    loop = RequestLoop(Operations(pool, where), device, busy_poll_us, debug, choice.io_uring)
     log.info(
         "mounted %s with datadirs %s, min_free_space %d bytes, %s, checksums %s, busy_poll %d µs, "
         "datadir_timeout %g s",

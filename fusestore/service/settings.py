@@ -39,6 +39,7 @@ _STRING, _STRINGS, _SIZE, _BOOL = "a string", "a list of strings", "a size", "tr
 _COUNT = "a whole number"
 _SECONDS = "a positive number of seconds"
 _ALGORITHMS = "a list of checksum algorithms (or none)"
+_TRANSPORT = "auto, io_uring or devfuse"
 SETTINGS: Mapping[str, str] = {
     "datadir": _STRING,
     "datadirs": _STRINGS,
@@ -49,7 +50,8 @@ SETTINGS: Mapping[str, str] = {
     "passthrough_headroom": _SIZE,
     "datadir_timeout": _SECONDS,
     "busy_poll": _COUNT,
-    "no_io_uring": _BOOL,
+    "transport": _TRANSPORT,
+    "no_io_uring": _BOOL,  # the older spelling of transport = "devfuse"
     "metadata_file": _STRING,
     "log_file": _STRING,
     "debug": _BOOL,
@@ -64,6 +66,10 @@ _MOUNT8_ONLY_PREFIXES = ("x-", "comment=")
 # Microseconds the daemon checks for the next request before sleeping (see
 # fusestore/fuse/requestloop.py); spinning on a one-CPU machine would only slow the caller.
 DEFAULT_BUSY_POLL_US = 50 if (os.cpu_count() or 1) > 1 else 0
+
+# How requests reach the daemon (fusestore/fuse/transport.py): auto measures
+# both at mount time and takes the faster.
+TRANSPORTS = ("auto", "io_uring", "devfuse")
 
 # Settings that name a file or directory: relative paths in a config file are
 # taken relative to the file's own directory; in -o (mount(8), fstab) they are
@@ -88,7 +94,7 @@ class Settings:
     passthrough_headroom: int = DEFAULT_PASSTHROUGH_HEADROOM
     datadir_timeout: float = DEFAULT_DATADIR_TIMEOUT
     busy_poll: int = DEFAULT_BUSY_POLL_US
-    no_io_uring: bool = False
+    transport: str = "auto"
     metadata_file: str | None = None
     log_file: str | None = None
     debug: bool = False
@@ -111,6 +117,11 @@ class Settings:
         if self.metadata_file is None:
             return None
         return read_metadata_file(self.metadata_file)
+
+
+def parse_transport(value: str) -> str:
+    """The ``transport`` setting, checked: one of :data:`TRANSPORTS`."""
+    return _check_value("transport", value, "")
 
 
 def _line_of(text: str, key: str, needle: str | None = None) -> int:
@@ -148,6 +159,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
             return parse_seconds(key, value)
         except ConfigError as exc:
             raise ConfigError(f"{where}{exc}") from None
+    if kind == _TRANSPORT and value in TRANSPORTS:
+        return value
     if kind == _ALGORITHMS and isinstance(value, str | list):
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}setting {key!r} must be {kind}, not {value!r}")
@@ -191,7 +204,29 @@ def read_config_file(path: str) -> dict[str, Any]:
     if "datadir" in values and "datadirs" in values:
         line = _line_of(text, "datadirs")
         raise ConfigError(f"{path}:{line}: give either 'datadir' or 'datadirs', not both")
+    try:
+        values = without_no_io_uring(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}:{_line_of(text, 'no_io_uring')}: {exc}") from None
     return _relative_to(os.path.dirname(os.path.abspath(path)), values)
+
+
+def without_no_io_uring(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the older ``no_io_uring`` spelled as ``transport``.
+
+    Turned into ``transport`` within each source, so that the command line
+    overrides a file whichever spelling each uses.
+    """
+    if "no_io_uring" not in values:
+        return values
+    values = dict(values)
+    if values.pop("no_io_uring"):
+        if values.get("transport", "devfuse") != "devfuse":
+            raise ConfigError(
+                f"no_io_uring and transport = {values['transport']!r} contradict each other"
+            )
+        values["transport"] = "devfuse"
+    return values
 
 
 def _relative_to(base: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +282,7 @@ def split_mount_options(options: Iterable[str]) -> tuple[dict[str, Any], list[st
             continue
         else:
             fuse_options.append(option)
-    return settings, fuse_options
+    return without_no_io_uring(settings), fuse_options
 
 
 def resolve(config_file: str | None, overrides: Mapping[str, Any]) -> Settings:

@@ -1,7 +1,7 @@
 """FUSE over io_uring: each CPU's requests answered on that CPU, /dev/fuse as fallback.
 
 The rest of the suite runs once with the default (io_uring where the kernel
-has it) and once with ``--no-io-uring`` (``scripts/test`` sets
+has it) and once with ``--transport devfuse`` (``scripts/test`` sets
 FUSESTORE_TEST_TRANSPORT=devfuse), so every behaviour is checked through both.
 :func:`test_the_daemon_logs_the_transport_this_run_tests` checks which one the
 daemon really used and adds it to the end of the run's summary. On a kernel
@@ -42,7 +42,7 @@ _KERNEL_HAS_IT = pytest.mark.skipif(
 )
 _NOT_THE_DEV_FUSE_RUN = pytest.mark.skipif(
     TRANSPORT == "devfuse",
-    reason="the /dev/fuse run (FUSESTORE_TEST_TRANSPORT=devfuse) mounts with --no-io-uring",
+    reason="the /dev/fuse run (FUSESTORE_TEST_TRANSPORT=devfuse) mounts with --transport devfuse",
 )
 
 

@@ -266,6 +266,7 @@ README_OPTIONS = (
     "-f, --foreground",
     "-o OPT[,OPT...]",
     "--no-sync",
+    "--transport auto|io_uring|devfuse",
     "--no-io-uring",
     "--busy-poll MICROSECONDS",
     "--config FILE",

@@ -135,7 +135,8 @@ COVERED_SETTINGS = {
     "passthrough_headroom",
     "datadir_timeout",
     "busy_poll",
-    "no_io_uring",
+    "transport",
+    "no_io_uring",  # transport = "devfuse" by its older name
     "metadata_file",
     "log_file",
     "debug",
@@ -155,7 +156,8 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
         flag = f"--{pool_key}"
         return [
             *(arg for value in pool for arg in (flag, value)),
-            *("--min-free-space", "1M", "--no-sync", "--busy-poll", "7", "--no-io-uring"),
+            *("--min-free-space", "1M", "--no-sync", "--busy-poll", "7"),
+            *("--transport", "devfuse"),
             *("--checksums", "sha1", "--thin-provisioning", "--datadir-timeout", "3.5"),
             *("--passthrough-headroom", "2G"),
             *("--metadata-file", paths["metadata_file"], "--log-file", paths["log_file"]),
@@ -164,7 +166,7 @@ def every_setting(form: str, pool_key: str, pool: list[str], paths: dict[str, st
     if form == "-o":
         options = [
             *(f"{pool_key}={value}" for value in pool),
-            *("min_free_space=1M", "no_sync=true", "busy_poll=7", "no_io_uring=true"),
+            *("min_free_space=1M", "no_sync=true", "busy_poll=7", "transport=devfuse"),
             "checksums=sha1",
             "thin_provisioning",
             "datadir_timeout=3.5s",
@@ -223,7 +225,8 @@ def test_every_setting_works_in_every_form(
         assert report["thin_provisioning"] is True
         assert report["datadir_timeout"] == 3.5
         assert report["passthrough_headroom"] == 2 << 30
-        assert report["io_uring_queues"] == 0  # no_io_uring
+        assert report["io_uring_queues"] == 0  # transport, no_io_uring in the file
+        assert (report["transport"]["chosen"], report["transport"]["why"]) == ("devfuse", "set")
         assert report["metadata"] == METADATA
         assert "allow_other" in mount_options(mountpoint)  # options
         (mountpoint / "image").write_bytes(b"x")
