@@ -55,7 +55,7 @@ from fusestore.fuse import protocol as p
 from fusestore.fuse.dirents import PackedListing, PackedPart
 from fusestore.fuse.inodes import ROOT_INODE, InodeTable
 from fusestore.pool.listing import give_back_memory
-from fusestore.pool.openfiles import Handle, OpenFile, without_set_id_bits
+from fusestore.pool.openfiles import BACKING_FLAGS, Handle, OpenFile, without_set_id_bits
 from fusestore.pool.pool import Pool
 from fusestore.pool.space import NAME_MAX
 
@@ -277,9 +277,11 @@ class Operations:
     def _register_backing(self, open_file: OpenFile, handle: Handle) -> _Backing | None:
         # Registered read-write when the datadir allows it: a writer that
         # opens the file while it is open for reading writes through it.
+        # The descriptor create made is one already (read-write, nothing
+        # else): spare the open.
         fd = handle.fd
         with contextlib.suppress(OSError):
-            if open_file.path is not None:
+            if open_file.path is not None and handle.flags != os.O_RDWR | BACKING_FLAGS:
                 fd = os.open(open_file.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         request = bytearray(p.BACKING_MAP.pack(fd, 0, 0))
         try:

@@ -516,7 +516,11 @@ class Pool:
         if not (handle.writable and self.passthrough_headroom):
             return False
         datadir = self._datadir_by_path.get(open_file.datadir)
-        if datadir is None or datadir.assess() is not State.OK:
+        if datadir is None:
+            return False
+        # A new file's datadir was measured by placement in this very request.
+        state = datadir.state if open_file.new else datadir.assess()
+        if state is not State.OK:
             return False
         if datadir.free_bytes - self.min_free_space <= self.passthrough_headroom:
             return False
