@@ -85,24 +85,7 @@ _FS_ERRORS = sys.getfilesystemencodeerrors()
 
 
 def _attr(inode: int, st: os.stat_result, nlink: int | None = None) -> bytes:
-    return p.ATTR.pack(
-        inode,
-        st.st_size,
-        st.st_blocks,
-        int(st.st_atime),
-        int(st.st_mtime),
-        int(st.st_ctime),
-        st.st_atime_ns % 1_000_000_000,
-        st.st_mtime_ns % 1_000_000_000,
-        st.st_ctime_ns % 1_000_000_000,
-        st.st_mode,
-        st.st_nlink if nlink is None else nlink,
-        st.st_uid,
-        st.st_gid,
-        0,
-        max(st.st_blksize, PREFERRED_IO_SIZE),
-        0,
-    )
+    return p.attr_of(inode, st, nlink, PREFERRED_IO_SIZE)
 
 
 def _entry(inode: int, st: os.stat_result) -> bytes:

@@ -8,6 +8,7 @@ little-endian on the machines fusestore runs on (native order is used).
 
 from __future__ import annotations
 
+import os
 import struct
 
 KERNEL_MAJOR = 7
@@ -166,3 +167,26 @@ def split_name(body: memoryview) -> bytes:
 def split_two_names(body: memoryview) -> tuple[bytes, bytes]:
     old, new, *_ = bytes(body).split(b"\0")
     return old, new
+
+
+def attr_of(inode: int, st: os.stat_result, nlink: int | None = None, blksize: int = 0) -> bytes:
+    """A ``fuse_attr`` for ``inode`` from a backing file's ``stat``: its own
+    ``nlink`` unless given, a ``blksize`` of at least ``blksize``."""
+    return ATTR.pack(
+        inode,
+        st.st_size,
+        st.st_blocks,
+        int(st.st_atime),
+        int(st.st_mtime),
+        int(st.st_ctime),
+        st.st_atime_ns % 1_000_000_000,
+        st.st_mtime_ns % 1_000_000_000,
+        st.st_ctime_ns % 1_000_000_000,
+        st.st_mode,
+        st.st_nlink if nlink is None else nlink,
+        st.st_uid,
+        st.st_gid,
+        0,
+        max(st.st_blksize, blksize),
+        0,
+    )
