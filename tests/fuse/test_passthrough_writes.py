@@ -9,10 +9,12 @@ writes reached it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -244,3 +246,28 @@ def test_a_file_written_through_passthrough_is_never_moved_from_under_the_kernel
     assert not (roomy.datadirs[1].path / "image").exists()
     assert (roomy.datadirs[0].path / "image").read_bytes()[:5] == b"after"
     assert roomy.path("image").read_bytes()[:5] == b"after"
+
+
+def test_kill_9_while_a_new_file_is_written_straight_to_the_disk_leaves_no_file_under_its_name(
+    roomy: MountedPool, mount_pool: MountFactory
+) -> None:
+    """The kernel may go on writing the hidden backing file after the daemon
+    died; nothing publishes it, and the next mount removes it."""
+    fd = os.open(roomy.path("interrupted"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for _ in range(8):
+            os.write(fd, b"i" * MiB)
+        roomy.process.send_signal(signal.SIGKILL)
+        roomy.process.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            os.write(fd, b"after the daemon died")
+    finally:
+        with pytest.raises(OSError) as caught:
+            os.close(fd)  # no daemon to publish it: the descriptor goes all the same
+    assert caught.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED)
+    roomy.stop()
+    assert len(incoming_files(roomy.datadirs[0])) == 1
+    remounted = mount_pool(roomy.datadirs)
+    assert "interrupted" not in os.listdir(remounted.mountpoint)
+    assert [incoming_files(d) for d in roomy.datadirs] == [[], []]
+    assert "removed leftover of an unfinished write" in remounted.log()
