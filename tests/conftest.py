@@ -72,6 +72,17 @@ def _names_transport(args: Sequence[str]) -> bool:
     return False
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In the /dev/fuse run, skip the tests marked ``one_transport``: the
+    default run has them, and their minute would come twice (CI's budget)."""
+    if TRANSPORT != "devfuse":
+        return
+    skip = pytest.mark.skip(reason="one_transport: run in the default transport's run only")
+    for item in items:
+        if item.get_closest_marker("one_transport"):
+            item.add_marker(skip)
+
+
 def fusestore_command(*args: str) -> list[str]:
     """The fusestore CLI of the interpreter running the tests; a mount in the
     run's transport (:func:`run_transport`) unless it names one."""

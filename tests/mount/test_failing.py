@@ -17,12 +17,17 @@ import re
 import time
 from typing import Any
 
+import pytest
+
 from fusestore.admin import status
 from fusestore.pool import health
 from tests.conftest import errno_of, eventually, files_below
 from tests.mount.conftest import INCOMING, FaultyPool, closed_on_failure
 
 MiB = 1 << 20
+
+# A failing disk is the pool's business, not the transport's: one run is enough.
+pytestmark = pytest.mark.one_transport
 
 
 def row_of(rig: FaultyPool, which: str = "faulty") -> dict[str, Any]:

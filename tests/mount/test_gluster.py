@@ -49,6 +49,9 @@ SHARED_PRIORITY, LOCAL_PRIORITY = 200, 100
 # Half a second to spare for scheduling, as in test_namespace.py.
 VISIBLE_WITHIN = 1.5
 
+# GlusterFS as a datadir: how requests reach the daemon is not what is tested.
+pytestmark = pytest.mark.one_transport
+
 
 def two_hosts(
     gluster: GlusterClients,
