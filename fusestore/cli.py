@@ -400,7 +400,7 @@ def _mount(args: argparse.Namespace) -> int:
     except MountError as exc:
         log.error("%s", exc)
         return EXIT_MOUNT_FAILED
-    hung = [datadir.path for datadir in pool.datadirs if datadir.hung_since is not None]
+    hung = [datadir.path for datadir in pool.datadirs if datadir.hung]
     if hung or _threads_left_waiting():
         # Threads stuck in a hung datadir (fusestore/fuse/rescue.py), which the
         # interpreter would wait for at exit: exit without them. Its files are

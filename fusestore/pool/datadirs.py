@@ -93,6 +93,11 @@ class Datadir:
     _errors_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _logged_state: State = field(default=State.OK, repr=False)
 
+    @property
+    def hung(self) -> bool:
+        """Its filesystem does not answer now: the pool must not ask it anything."""
+        return self.hung_since is not None
+
     def path_of(self, name: str) -> str:
         """``<datadir>/<name>`` for a checked name (one path component).
 
@@ -146,7 +151,7 @@ class Datadir:
         A hung datadir is not asked: its free space stays as last measured,
         and health.py logs its changes.
         """
-        if self.hung_since is not None:
+        if self.hung:
             self.state = self._logged_state = State.HUNG
             return self.state
         try:
@@ -277,7 +282,7 @@ def mark_and_sweep(datadirs: Sequence[Datadir]) -> None:
     """
     members = tuple(sorted(datadir.path for datadir in datadirs))
     # A hung datadir (health.py) is not asked: a reload must not wait with it.
-    answering = [datadir for datadir in datadirs if datadir.hung_since is None]
+    answering = [datadir for datadir in datadirs if not datadir.hung]
     marks = {datadir.path: datadir.private.read_mark() for datadir in answering}
     known = {member for mark in marks.values() if mark for member in mark.members}
     for datadir in answering:

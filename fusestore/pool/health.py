@@ -107,7 +107,7 @@ class Prober:
         then. Apart from the questions, so that a long listing (a million
         names on network storage) never makes the datadir look hung."""
         while True:
-            if self.datadir.hung_since is None:
+            if not self.datadir.hung:
                 started = time.monotonic()
                 names = itertools.chain.from_iterable(regular_file_batches(self.datadir.path))
                 # Missing or failing: the next listing will tell.
@@ -120,7 +120,7 @@ class Prober:
     def _test_if_failing(self, now: float) -> None:
         """While the datadir is failing, a write test when one is due (see above)."""
         datadir = self.datadir
-        if datadir.failing_since is None or datadir.hung_since is not None:
+        if datadir.failing_since is None or datadir.hung:
             return
         quiet_at = datadir.last_write_error + WRITE_TEST_QUIET
         due = now - self._tested_at >= WRITE_TEST_INTERVAL
@@ -198,7 +198,7 @@ class HealthWatch:
             self._thread.join(timeout=2 * _WATCH_INTERVAL)
 
     def any_hung(self) -> bool:
-        return any(datadir.hung_since is not None for datadir in self._datadirs())
+        return any(datadir.hung for datadir in self._datadirs())
 
     def _add_probers(self) -> None:
         for datadir in self._datadirs():
@@ -224,7 +224,7 @@ class HealthWatch:
             if prober is None:
                 continue
             waited = prober.waiting(now)
-            if datadir.hung_since is None and waited > self.timeout:
+            if not datadir.hung and waited > self.timeout:
                 datadir.hung_since = time.time() - waited
                 datadir.hung_at = now - waited
                 log.error(
@@ -235,7 +235,7 @@ class HealthWatch:
                     waited,
                 )
                 self._on_hung(datadir)
-            elif datadir.hung_since is not None and prober.answered_at > datadir.hung_at:
+            elif datadir.hung and prober.answered_at > datadir.hung_at:
                 lasted = now - datadir.hung_at
                 datadir.hung_since = None
                 log.warning(

@@ -198,7 +198,7 @@ def _skip_if_hung(*datadirs: Datadir) -> None:
     """Under the request lock, a hung datadir (``health.py``) is not asked: it
     would hold the lock, and every request, for as long as it is silent."""
     for datadir in datadirs:
-        if datadir.hung_since is not None:
+        if datadir.hung:
             raise MoveSkipped(f"{datadir.path} is hung")
 
 

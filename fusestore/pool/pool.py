@@ -195,7 +195,7 @@ class Pool:
         leaving = [
             threading.Thread(target=datadir.private.stop, args=(self.closer.close,), daemon=True)
             for datadir in self.datadirs
-            if datadir.hung_since is None
+            if not datadir.hung
         ]
         for thread in leaving:
             thread.start()
@@ -221,7 +221,7 @@ class Pool:
         again), close what was released meanwhile and catch up on what could
         not be checked (``health.catch_up``)."""
         released = self._close_when_back.pop(datadir.path, [])
-        others = [d for d in self.datadirs if d is not datadir and d.hung_since is None]
+        others = [d for d in self.datadirs if d is not datadir and not d.hung]
 
         def catch_up_now() -> None:
             for fd in released:
@@ -247,7 +247,7 @@ class Pool:
 
     def _reachable_datadirs(self) -> Iterator[tuple[Datadir, os.stat_result]]:
         for datadir in self.datadirs:
-            if datadir.hung_since is not None:
+            if datadir.hung:
                 continue
             try:
                 yield datadir, os.stat(datadir.path)
@@ -299,7 +299,7 @@ class Pool:
         are not asked (see :meth:`refuse_if_hung_may_hold`).
         """
         for datadir in self.datadirs:
-            if datadir.hung_since is not None:
+            if datadir.hung:
                 continue
             path = datadir.path_of(name)
             try:
@@ -332,7 +332,7 @@ class Pool:
         an unlink or rename (the copy there would come back with the datadir).
         """
         for datadir in self.datadirs:
-            if datadir.hung_since is not None and datadir.names.may_hold(name):
+            if datadir.hung and datadir.names.may_hold(name):
                 raise expected_failure(
                     errno.EIO, f"{name!r} may be in datadir {datadir.path}, which is hung"
                 )
@@ -345,12 +345,12 @@ class Pool:
 
     def _in_hung_datadir(self, path: str) -> bool:
         datadir = self._datadir_of(path)
-        return datadir is not None and datadir.hung_since is not None
+        return datadir is not None and datadir.hung
 
     def _refuse_if_hung(self, open_file: OpenFile) -> None:
         """EIO for a request on a file open in a hung datadir: asking would wait with it."""
         datadir = self._datadir_by_path.get(open_file.datadir)
-        if datadir is not None and datadir.hung_since is not None:
+        if datadir is not None and datadir.hung:
             raise expected_failure(
                 errno.EIO, f"{open_file.name!r} is in datadir {datadir.path}, which is hung"
             )
@@ -375,7 +375,7 @@ class Pool:
         written come last."""
         being_written = [os.fsencode(name) for name, f in self._open_files.items() if f.new]
         # A hung datadir's names are left out (its hang was logged with that).
-        paths = [datadir.path for datadir in self.datadirs if datadir.hung_since is None]
+        paths = [datadir.path for datadir in self.datadirs if not datadir.hung]
         if not paths:
             raise failure(errno.EIO, "every datadir is hung")
         return snapshot.list_names(paths, being_written, self._lister, each)
@@ -774,7 +774,7 @@ class Pool:
         that flush without letting even an exiting thread go (a FUSE datadir).
         """
         open_file = handle.open_file
-        hung = self._datadir_by_path[open_file.datadir].hung_since is not None
+        hung = self._datadir_by_path[open_file.datadir].hung
         try:
             if open_file.new and open_file.handles == {handle} and not hung:
                 self._finish_new_file(open_file)
@@ -1052,5 +1052,5 @@ class Pool:
     def space(self) -> PoolSpace:
         """The datadirs' filesystems added up, each once (``statfs``); a hung
         datadir is left out."""
-        answering = [datadir.path for datadir in self.datadirs if datadir.hung_since is None]
+        answering = [datadir.path for datadir in self.datadirs if not datadir.hung]
         return space.measure(answering, self.name_max)
