@@ -143,10 +143,8 @@ class _Backing:
 class Operations:
     """One flat directory (the root) whose files are the pool's files."""
 
-    def __init__(self, pool: Pool, mountpoint: str = "") -> None:
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        # The mount's path as /proc/PID/fd links show it (holders.py); "" if unknown.
-        self.mountpoint = mountpoint
         # Set by the request loop before each handler: the thread that made the request.
         self.caller_pid = 0
         self.inodes = InodeTable()
@@ -501,19 +499,22 @@ class Operations:
     def flush(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         (fh, *_) = p.FLUSH_IN.unpack_from(body)
         handle = self._handles[fh]
-        self.pool.flush(handle, still_open=self._still_open_elsewhere(fh, handle))
+        self.pool.flush(handle, still_open=self._still_open_elsewhere(fh, inode, handle))
         return b""
 
-    def _still_open_elsewhere(self, fh: int, handle: Handle) -> bool:
+    def _still_open_elsewhere(self, fh: int, inode: int, handle: Handle) -> bool:
         """Whether a new file the kernel writes through passthrough keeps
         descriptors after this close (holders.py): it is not published yet.
         Other files need not know: their writes come here (publish.take_back)."""
         backing = self._passthrough_handles.get(fh)
-        name = handle.open_file.name
-        if backing is None or not handle.open_file.new or name is None or not self.mountpoint:
+        open_file = handle.open_file
+        if backing is None or not open_file.new or open_file.name is None:
             return False
-        path = f"{self.mountpoint.rstrip('/')}/{name}"
-        return holders.still_open(path, self.caller_pid, backing.creator_pid, backing.created)
+        if open_file.handles != {handle}:
+            return False  # not its last handle: nothing is published anyway
+        return holders.still_open(
+            open_file.name, inode, self.caller_pid, backing.creator_pid, backing.created
+        )
 
     def fsync(self, inode: int, uid: int, gid: int, body: memoryview) -> bytes:
         fh, fsync_flags, _ = p.FSYNC_IN.unpack_from(body)

@@ -11,8 +11,9 @@ its next write (``publish.take_back``). Writes the kernel makes through FUSE
 passthrough never come, so for such a file the FLUSH itself must find out:
 the descriptor tables of the closing process and of the file's creator and
 their descendants (which inherit descriptors across fork) are searched in
-``/proc`` for a descriptor on the file's path. ``readlink`` of
-``/proc/PID/fd/N`` names the path without a FUSE request, unlike ``stat``.
+``/proc`` for a descriptor on the file: ``readlink`` of ``/proc/PID/fd/N``
+and ``/proc/PID/fdinfo/N`` name its path and inode number without a FUSE
+request, unlike ``stat``.
 
 What this cannot see: a descriptor passed over a Unix socket to an
 unrelated process, or held by an orphan whose parent ended (it is then
@@ -37,8 +38,9 @@ def clock_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS_PER_SECOND)
 
 
-def still_open(path: str, closing_pid: int, creator_pid: int, since: int = 0) -> bool:
-    """Whether a process of the creator's or the closer's family has a descriptor on ``path``.
+def still_open(name: str, inode: int, closing_pid: int, creator_pid: int, since: int = 0) -> bool:
+    """Whether a process of the creator's or the closer's family has a
+    descriptor on the mount's file ``name``, inode number ``inode``.
 
     ``closing_pid`` is the thread whose close(2) this is (its descriptor is
     already out of its table); ``creator_pid`` the thread that created the
@@ -57,10 +59,39 @@ def still_open(path: str, closing_pid: int, creator_pid: int, since: int = 0) ->
         if pid in seen:
             continue
         seen.add(pid)
-        if _has_descriptor_on(pid, path):
+        if _has_descriptor_on(pid, name, inode):
             return True
         todo.extend(child for child in _children(pid) if _started(child) >= since - 1)
     return False
+
+
+def _has_descriptor_on(pid: int, name: str, inode: int) -> bool:
+    """Whether ``pid`` has a descriptor on the file. By its path's last part
+    first (one readlink each), then by inode number (``fdinfo``): the path
+    before it is the mount's as the process reaches it, which a bind mount
+    or a container's mount namespace makes another than the daemon's."""
+    directory = f"/proc/{pid}/fd"
+    try:
+        descriptors = os.listdir(directory)
+    except OSError:  # ended meanwhile, or not visible from here
+        return False
+    last_part = "/" + name
+    for descriptor in descriptors:
+        try:
+            link = os.readlink(f"{directory}/{descriptor}")
+            if link.endswith(last_part) and _inode_of(pid, descriptor) == inode:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _inode_of(pid: int, descriptor: str) -> int:
+    with open(f"/proc/{pid}/fdinfo/{descriptor}", "rb") as file:
+        for line in file:
+            if line.startswith(b"ino:"):
+                return int(line.split()[1])
+    return -1
 
 
 def _started(pid: int) -> int:
@@ -71,21 +102,6 @@ def _started(pid: int) -> int:
     except OSError:
         return 0
     return int(fields[19])  # field 22 of stat(5), counted after the name's ")"
-
-
-def _has_descriptor_on(pid: int, path: str) -> bool:
-    directory = f"/proc/{pid}/fd"
-    try:
-        descriptors = os.listdir(directory)
-    except OSError:  # ended meanwhile, or not visible from here
-        return False
-    for descriptor in descriptors:
-        try:
-            if os.readlink(f"{directory}/{descriptor}") == path:
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def _children(pid: int) -> list[int]:

@@ -88,7 +88,6 @@ def serve(
     for directory in {os.path.dirname(path) for path in status.socket_paths(mountpoint)}:
         control.remove_dead_sockets(directory)
     server, server_path = status.listen(mountpoint)
-    where = os.path.realpath(mountpoint)  # as /proc/PID/fd shows files under it
     options = libfuse_options([*MOUNT_OPTIONS, *fuse_options], fsname)
     try:
         # pyfuse3 (libfuse) only mounts: fusestore answers the requests itself
@@ -104,7 +103,7 @@ def serve(
         pool.stop()
         _close_status(server, server_path)
         raise MountError(f"cannot mount {mountpoint}: no single /dev/fuse descriptor found")
-    loop = RequestLoop(Operations(pool, where), device, busy_poll_us, debug, choice.io_uring)
+    loop = RequestLoop(Operations(pool), device, busy_poll_us, debug, choice.io_uring)
     log.info(
         "mounted %s with datadirs %s, min_free_space %d bytes, %s, checksums %s, busy_poll %d µs, "
         "datadir_timeout %g s",

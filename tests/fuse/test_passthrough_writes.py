@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -118,6 +119,29 @@ def test_a_descriptor_left_open_after_a_close_keeps_the_new_file_hidden(
     finally:
         os.close(second)
     assert roomy.path("dup").read_bytes() == b"x" * MiB
+
+
+def test_a_descriptor_left_open_through_a_bind_mount_keeps_the_new_file_hidden(
+    roomy: MountedPool, tmp_path: Path
+) -> None:
+    """A program that reaches the pool by another path (a bind mount, a
+    container's mount namespace): its descriptor is known by inode number."""
+    bound = tmp_path / "bound"
+    bound.mkdir()
+    subprocess.run(["mount", "--bind", str(roomy.mountpoint), str(bound)], check=True)
+    try:
+        fd = os.open(bound / "through-bind", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        second = os.dup(fd)
+        os.close(fd)
+        try:
+            os.write(second, b"b" * MiB)
+            assert not published(roomy, "through-bind")
+        finally:
+            os.close(second)
+        assert (roomy.datadirs[0].path / "through-bind").read_bytes() == b"b" * MiB
+    finally:
+        if subprocess.run(["umount", str(bound)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(bound)], check=False)
 
 
 def test_a_child_writing_an_inherited_descriptor_keeps_the_new_file_hidden(
