@@ -54,7 +54,7 @@ from fusestore.fuse import holders
 from fusestore.fuse import protocol as p
 from fusestore.fuse.dirents import PackedListing, PackedPart
 from fusestore.fuse.inodes import ROOT_INODE, InodeTable
-from fusestore.pool.listing import give_back_memory
+from fusestore.pool.memory import give_back_memory
 from fusestore.pool.openfiles import BACKING_FLAGS, Handle, OpenFile, without_set_id_bits
 from fusestore.pool.pool import Pool
 from fusestore.pool.space import NAME_MAX

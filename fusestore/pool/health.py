@@ -43,7 +43,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from fusestore.pool.datadirs import Datadir
-from fusestore.pool.listing import give_back_memory, regular_file_batches, regular_files
+from fusestore.pool.listing import regular_file_batches, regular_files
+from fusestore.pool.memory import give_back_memory
 from fusestore.pool.openfiles import NEW_FILE_FLAGS
 
 log = logging.getLogger(__name__)

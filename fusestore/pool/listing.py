@@ -65,23 +65,6 @@ _getdents64 = getattr(_libc, "getdents64", None)  # glibc 2.30 and later
 if _getdents64 is not None:
     _getdents64.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
     _getdents64.restype = ctypes.c_ssize_t
-_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc
-if _malloc_trim is not None:
-    _malloc_trim.argtypes = [ctypes.c_size_t]
-    _malloc_trim.restype = ctypes.c_int
-
-
-def give_back_memory() -> None:
-    """Return the C library's free memory to the system, after a large listing.
-
-    A listing of a million names allocates and frees some 200 MiB (names,
-    sets, packed entries); glibc keeps freed blocks of one thread's arena
-    and raises its threshold for giving large blocks their own mapping, so
-    without this the daemon stays at its peak. ``malloc_trim`` gives back
-    every free page, in a few milliseconds (without the GIL: ctypes drops it).
-    """
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 class _Unexpected(Exception):

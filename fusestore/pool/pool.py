@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import TypeVar
 
-from fusestore.pool import attributes, checksums, publish, snapshot, space, sparse
+from fusestore.pool import attributes, checksums, memory, publish, snapshot, space, sparse
 from fusestore.pool.checksummer import Checksummer
 from fusestore.pool.closer import Closer
 from fusestore.pool.config import PoolConfig
@@ -142,6 +142,7 @@ class Pool:
     def start(self) -> None:
         """Mark the datadirs, sweep the leftovers of writers that crashed, start
         checksumming and watching the datadirs' health."""
+        memory.limit_arenas()  # before any thread allocates
         self.closer.start()  # first: while the daemon still has one thread
         mark_and_sweep(self.datadirs)
         self.checksummer.start()
