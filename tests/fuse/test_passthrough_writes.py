@@ -58,6 +58,12 @@ def existing(mounted: MountedPool, name: str, size: int) -> bytes:
     return data
 
 
+def md5_stored(mounted: MountedPool, name: str, data: bytes | bytearray) -> bool:
+    """Whether the pool comes to show ``data``'s md5 as ``name``'s checksum."""
+    md5 = hashlib.md5(data).hexdigest()
+    return eventually(lambda: os.getxattr(mounted.path(name), "user.fusestore.md5").decode() == md5)
+
+
 def published(mounted: MountedPool, name: str) -> bool:
     """Whether ``name`` is under its name in a datadir and in the pool's listing
     (its creator's kernel knows it from the start: a stat there proves nothing)."""
@@ -80,10 +86,7 @@ def test_a_rewrite_with_headroom_goes_straight_to_the_disk_and_gets_new_checksum
         os.close(fd)
     assert requests.of(roomy.path("img"), "write") == 0  # the kernel wrote them
     assert (roomy.datadirs[0].path / "img").read_bytes() == data
-    md5 = hashlib.md5(data).hexdigest()
-    assert eventually(
-        lambda: os.getxattr(roomy.path("img"), "user.fusestore.md5").decode() == md5
-    ), "the checksums were not computed again after the rewrite"
+    assert md5_stored(roomy, "img", data), "the checksums were not computed again after the rewrite"
 
 
 def test_a_new_file_with_headroom_goes_straight_to_the_disk_and_is_published_at_close(
@@ -98,10 +101,7 @@ def test_a_new_file_with_headroom_goes_straight_to_the_disk_and_is_published_at_
     assert (roomy.datadirs[0].path / "new").read_bytes() == data
     assert roomy.path("new").read_bytes() == data
     assert incoming_files(roomy.datadirs[0]) == []
-    md5 = hashlib.md5(data).hexdigest()
-    assert eventually(
-        lambda: os.getxattr(roomy.path("new"), "user.fusestore.md5").decode() == md5
-    ), "no checksums for a new file written through passthrough"
+    assert md5_stored(roomy, "new", data), "no checksums for a new file written through passthrough"
 
 
 def test_a_descriptor_left_open_after_a_close_keeps_the_new_file_hidden(
