@@ -292,19 +292,6 @@ class RequestLoop:
             return errno.EIO, b""
         return None if payload is None else (0, payload)
 
-    def _respond_or_empty(
-        self,
-        opcode: int,
-        unique: int,
-        nodeid: int,
-        uid: int,
-        gid: int,
-        pid: int,
-        body: memoryview,
-        rescue: Callable[[Flight], None],
-    ) -> tuple[int, bytes]:
-        return self.respond(opcode, unique, nodeid, uid, gid, pid, body, rescue) or (0, b"")
-
     def _start_queues(self) -> None:
         """After INIT: one queue per CPU; the kernel uses them once all are in place."""
         if not self.io_uring:
@@ -316,7 +303,7 @@ class RequestLoop:
                     cpu,
                     _QUEUE_DEPTH,
                     MAX_WRITE,
-                    self._respond_or_empty,
+                    self.respond,
                     self._queue_failed,
                 )
                 for cpu in uring.possible_cpus()

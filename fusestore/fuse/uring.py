@@ -124,9 +124,12 @@ def possible_cpus() -> list[int]:
 
 
 # Answers one request: (opcode, unique, nodeid, uid, gid, pid, body, rescue) ->
-# (errno or 0, reply); rescue: what the rescuer calls if it gives up on the request.
+# (errno or 0, reply), or None for a request without an answer (a forget:
+# its entry is committed empty); rescue: what the rescuer calls if it gives
+# up on the request.
 Answer = Callable[
-    [int, int, int, int, int, int, memoryview, Callable[[Flight], None]], tuple[int, bytes]
+    [int, int, int, int, int, int, memoryview, Callable[[Flight], None]],
+    tuple[int, bytes] | None,
 ]
 
 
@@ -360,9 +363,10 @@ class Queue:
             memory[start:_PAYLOAD] = memory[p.URING_OP_IN : p.URING_OP_IN + op_size]
             body = entry.view[start : _PAYLOAD + payload_size]
             try:
-                code, reply = self.answer(
+                outcome = self.answer(
                     opcode, unique, nodeid, uid, gid, pid, body, self._rescues[index]
                 )
+                code, reply = outcome or (0, b"")
             except Exception:  # the entry must be committed whatever happened
                 log.exception("io_uring queue %d: request %d failed", self.qid, unique)
                 code, reply = errno.EIO, b""
