@@ -736,9 +736,10 @@ class Pool:
         """
         open_file = handle.open_file
         self._refuse_if_hung(open_file)
-        if open_file.new and open_file.handles == {handle} and still_open:
-            log.debug("%r stays hidden at this close: descriptors of it remain", open_file.name)
-        elif open_file.new and open_file.handles == {handle}:
+        if open_file.new and open_file.handles == {handle}:
+            if still_open:
+                log.debug("%r stays hidden at this close: descriptors of it remain", open_file.name)
+                return
             unlinked = open_file.name is None
             self._finish_new_file(open_file)
             handle.published_early = not unlinked
